@@ -17,7 +17,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +34,9 @@ def _rope_table(head_dim: int, grid_hw: tuple[int, int], n_cond: int, prefix: st
 def _rope_rows(table, start: int, length: int) -> tuple[Tensor, Tensor]:
     cos, sin = table
     if start + length > cos.shape[0]:
-        raise ValueError(f"positions {start}..{start + length - 1} lie beyond the {cos.shape[0]}-token layout")
+        raise ValueError(
+            f"positions {start}..{start + length - 1} lie beyond the {cos.shape[0]}-token layout"
+        )
     return cos[start : start + length], sin[start : start + length]
 
 
@@ -248,12 +249,23 @@ class LasadAttention(CausalLinearMixer):
                 raise ValueError("spatial-aware decay needs grid_hw (its width is the raster row length)")
             # LASAD counts positions with exactly one prefix token at 0; shift for other prefix lengths.
             log_decay = LF.spatial_aware_log_decay(
-                log_decay, grid_hw[1], start=position - (n_cond - 1), mode=self.sad_mode, position=self.sad_position
+                log_decay,
+                grid_hw[1],
+                start=position - (n_cond - 1),
+                mode=self.sad_mode,
+                position=self.sad_position,
             )
         o, state = LF.gated_linear_attention(
-            q, k, v, log_decay, scale=self.scale, initial_state=state, output_final_state=True, backend=self.backend
+            q,
+            k,
+            v,
+            log_decay,
+            scale=self.scale,
+            initial_state=state,
+            output_final_state=True,
+            backend=self.backend,
         )
-        o = LF.rms_norm_fp32(_merge_heads(o), self.norm.weight, self.norm.eps)
+        o = LF.rms_norm(_merge_heads(o), self.norm.weight, self.norm.eps)
         return self.o_proj(o), state
 
 
@@ -281,30 +293,42 @@ class GlaAttention(CausalLinearMixer):
         _check_heads(key_dim, num_heads)
         self.head_v_dim = _check_heads(value_dim, num_heads)
         self.normalizer, self.sad_mode, self.sad_position, self.backend = (
-            gate_logit_normalizer, sad_mode, sad_position, backend,
+            gate_logit_normalizer,
+            sad_mode,
+            sad_position,
+            backend,
         )
         self.q_proj = nn.Linear(dim, key_dim, bias=False)
         self.k_proj = nn.Linear(dim, key_dim, bias=False)
         self.v_proj = nn.Linear(dim, value_dim, bias=False)
         self.g_proj = nn.Linear(dim, value_dim, bias=False)
-        self.gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, key_dim))
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, key_dim)
+        )
         self.g_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
 
     def step(self, x, state, position, *, n_cond=1, grid_hw=None):
         h = self.num_heads
         q, k, v = (_split_heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
-        log_decay = _split_heads(F.logsigmoid(self.gk_proj(x).float()) / self.normalizer, h)
+        gate_logits = self.gk_proj(x)
+        log_decay = _split_heads(
+            F.logsigmoid(gate_logits.to(LF.accumulation_dtype(x.dtype))) / self.normalizer, h
+        )
         if self.sad_mode != "off":
             if grid_hw is None:
                 raise ValueError("spatial-aware decay needs grid_hw")
             log_decay = LF.spatial_aware_log_decay(
-                log_decay, grid_hw[1], start=position - (n_cond - 1), mode=self.sad_mode, position=self.sad_position
+                log_decay,
+                grid_hw[1],
+                start=position - (n_cond - 1),
+                mode=self.sad_mode,
+                position=self.sad_position,
             )
         o, state = LF.gated_linear_attention(
             q, k, v, log_decay, initial_state=state, output_final_state=True, backend=self.backend
         )
-        o = LF.rms_norm_fp32(o, self.g_norm.weight, self.g_norm.eps)
+        o = LF.rms_norm(o, self.g_norm.weight, self.g_norm.eps)
         return self.o_proj(_merge_heads(o) * F.silu(self.g_proj(x))), state
 
 
@@ -335,16 +359,16 @@ class TnlAttention(CausalLinearMixer):
         h = self.num_heads
         q, k, v, u = self.qkvu(x).chunk(4, dim=-1)
         q, k, v = _split_heads(F.silu(q), h), _split_heads(F.silu(k), h), _split_heads(v, h)
-        log_decay = self.log_decay.view(1, 1, h, 1).expand(*k.shape).float()
+        log_decay = self.log_decay.view(1, 1, h, 1).expand(*k.shape).to(LF.accumulation_dtype(x.dtype))
         o, state = LF.gated_linear_attention(
             q, k, v, log_decay, initial_state=state, output_final_state=True, backend=self.backend
         )
-        o = LF.rms_norm_fp32(_merge_heads(o), self.norm.weight, self.norm.eps)
+        o = LF.rms_norm(_merge_heads(o), self.norm.weight, self.norm.eps)
         return self.o_proj(u * o), state
 
 
 class LinearRopeAttention(CausalLinearMixer):
-    """"LinearAttn w/ RoPE" baseline: ``φ = elu + 1``; LlamaGen's 2-D RoPE on the features in the
+    """ "LinearAttn w/ RoPE" baseline: ``φ = elu + 1``; LlamaGen's 2-D RoPE on the features in the
     numerator only (the denominator stays positive); identity rotation for prefix tokens, because a
     zero-rotated class key would carry no signal under linear attention."""
 
@@ -363,7 +387,12 @@ class LinearRopeAttention(CausalLinearMixer):
         table = _rope_table(self.head_dim, tuple(grid_hw), n_cond, "identity", self.rope_base)
         cos, sin = _rope_rows(table, position, x.shape[1])
         out, state = LF.causal_linear_attention(
-            fq, fk, v, q_rotated=apply_rope(fq, cos, sin), k_rotated=apply_rope(fk, cos, sin), eps=self.eps,
+            fq,
+            fk,
+            v,
+            q_rotated=apply_rope(fq, cos, sin),
+            k_rotated=apply_rope(fk, cos, sin),
+            eps=self.eps,
             state=state,
         )
         return self.proj(_merge_heads(out)), state

@@ -97,7 +97,9 @@ class KVGate(nn.Module):
         if self.form != "grid":
             raise ValueError("only form='grid' gates can be resized; absolute gates are tied to indices")
         for grid_name, cond_name in (("key", "key_cond"), ("value", "value_cond")):
-            new_grid, new_cond = resize_log_gate(getattr(self, grid_name), getattr(self, cond_name), n_cond, grid_hw)
+            new_grid, new_cond = resize_log_gate(
+                getattr(self, grid_name), getattr(self, cond_name), n_cond, grid_hw
+            )
             setattr(self, grid_name, nn.Parameter(new_grid.contiguous()))
             setattr(self, cond_name, nn.Parameter(new_cond.contiguous()))
         self.n_cond, self.grid_hw = n_cond, tuple(grid_hw)

@@ -79,7 +79,7 @@ def gated_linear_attention(
     scale: float | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Quadratic form of ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t`` (``reference/lasad.md`` §4.4).
+    """Quadratic form of ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t`` (lasad.md §4.4).
 
     ``o_t = Σ_{j≤t} Σ_c s q_tc k_jc exp(b_tc − b_jc) v_j + (s q_t ⊙ exp(b_t))ᵀ h0`` with ``b`` the inclusive
     cumulative sum of ``g``; returns ``(o, final_state)``.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from torch import nn
 
-
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -1,6 +1,6 @@
 """Position encodings: 2-D sin-cos (LINA/NOVA absolute PE), 2-D RoPE (LlamaGen) and 3-D RoPE (NOVA).
 
-RoPE tables are ``(cos, sin)`` of shape ``[N, head_dim / 2]`` acting on interleaved pairs
+RoPE tables are float64 ``(cos, sin)`` of shape ``[N, head_dim / 2]`` acting on interleaved pairs
 ``(x[2i], x[2i+1])``. Prefix tokens (class or text tokens) get either the identity rotation (cos 1,
 sin 0; required by linear attention, where LlamaGen's all-zero rows would erase the class key) or
 LlamaGen's zero rows (``prefix="zero"``, exact LlamaGen behaviour under softmax).
@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lina_pl.nn.functional import accumulation_dtype
 
 PrefixRotation = Literal["identity", "zero"]
 
@@ -39,7 +41,7 @@ def sincos_2d(grid_hw: tuple[int, int], dim: int, base: float = 10000.0) -> Tens
 
 
 def _angles(positions: Tensor, dim: int, base: float) -> Tensor:
-    """Rotation angles ``[N, dim/2]`` for ``dim`` channels (``dim/2`` pairs), frequencies ``base^(−2i/dim)``."""
+    """Rotation angles ``[N, dim/2]`` for ``dim`` channels (``dim/2`` pairs), frequency ``base^(−2i/dim)``."""
     freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     return positions.double()[:, None] * freqs[None]
 
@@ -52,7 +54,7 @@ def _with_prefix(angles: Tensor, n_prefix: int, prefix: PrefixRotation) -> tuple
         pad_cos = torch.ones if prefix == "identity" else torch.zeros
         cos = torch.cat([pad_cos(n_prefix, cos.shape[1], dtype=cos.dtype), cos])
         sin = torch.cat([torch.zeros(n_prefix, sin.shape[1], dtype=sin.dtype), sin])
-    return cos.float(), sin.float()
+    return cos, sin
 
 
 def rope_2d(
@@ -97,11 +99,12 @@ def rope_3d(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs of ``x`` ``[B, N, H, D]`` by tables ``[N, D/2]`` (computed in fp32)."""
+    """Rotate interleaved pairs of ``x`` ``[B, N, H, D]`` by tables ``[N, D/2]`` (in fp32 at least)."""
     if cos.shape != (x.shape[1], x.shape[-1] // 2):
         raise ValueError(f"RoPE table {tuple(cos.shape)} does not fit x {tuple(x.shape)}")
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    c, s = cos[None, :, None].to(x.device), sin[None, :, None].to(x.device)
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc).reshape(*x.shape[:-1], -1, 2)
+    c, s = (t[None, :, None].to(device=x.device, dtype=acc) for t in (cos, sin))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
     return out.flatten(-2).to(x.dtype)

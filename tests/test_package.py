@@ -1,0 +1,58 @@
+"""Packaging: the console script, lazy heavy imports, and the FLOP structure of the benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lina_pl.bench.attention import count_flops
+
+LINA = Path(sys.executable).parent / "lina"
+
+
+def _run(*args):
+    return subprocess.run([str(LINA), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_help():
+    assert LINA.exists(), "the `lina` console script is not installed next to this Python"
+    result = _run("--help")
+    assert result.returncode == 0
+    assert "bench" in result.stdout and "linear attention" in result.stdout
+
+
+def test_unknown_command_fails_clearly():
+    result = _run("fly")
+    assert result.returncode != 0 and "unknown command" in result.stderr
+
+
+def test_bench_help_lists_benchmarks():
+    result = _run("bench", "--help")
+    assert result.returncode == 0 and "attention" in result.stdout
+
+
+def test_importing_the_mixers_stays_light():
+    """fla (CUDA only), deepspeed and lightning must not be imported by the attention library."""
+    code = (
+        "import sys, lina_pl.nn, lina_pl.nn.functional; "
+        "print([m for m in ('fla', 'deepspeed', 'lightning', 'triton') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_flop_ratio_of_the_paper_shape():
+    """LINA decoder attention at N=5120, D=1536: 49.99 G MACs as in the paper, ≤ 0.39× softmax."""
+    flops = count_flops()
+    assert flops["lina_decoder"]["gflops"] / 2 == pytest.approx(49.99, abs=0.01)  # 2 FLOPs per MAC
+    assert flops["ratio"] <= 0.39
+
+
+def test_bench_flops_only_prints_json():
+    result = _run("bench", "attention", "--skip-timing")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["flops"]["ratio"] <= 0.39 and "timing" not in report
