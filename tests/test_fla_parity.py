@@ -1,6 +1,8 @@
 """GPU only: fla's Triton kernels against the pure-PyTorch reference path (forward, backward, decoding).
 
-Tolerance as in fla's own GLA tests: max-abs ≤ 1e-6, else relative RMS error below a ratio.
+Tolerance as in fla's own GLA tests: max-abs ≤ 1e-6, else relative RMS error below a ratio. Half
+precision only: fla 0.6.0's chunk_gla crashed with "misaligned address" on fp32 inputs (H100, triton
+3.6), which is why ``backend="auto"`` keeps fp32 on the torch path.
 """
 
 import pytest
@@ -12,7 +14,7 @@ from lina_pl.nn import LasadAttention
 from lina_pl.nn import functional as LF
 
 pytestmark = pytest.mark.gpu
-RATIO = {torch.float32: 0.005, torch.bfloat16: 0.02}
+RATIO = {torch.bfloat16: 0.02}
 
 
 def _close(a, b, dtype):
@@ -32,7 +34,7 @@ def _hgrn2_inputs(b, t, h, dk, dv, dtype, sad):
     return [x.requires_grad_() for x in (q, k, v, g, h0)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 17, 64, 256, 576])
 @pytest.mark.parametrize("sad", [False, True])
 def test_gla_kernel_matches_torch_forward_and_backward(dtype, t, sad):
@@ -52,7 +54,7 @@ def test_gla_kernel_matches_torch_forward_and_backward(dtype, t, sad):
         assert _close(a, b, dtype), f"{name}: rel_rms={rel_rms(a, b):.2e} max={max_err(a, b):.2e}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_prefill_then_recurrent_decode_matches_one_call(dtype):
     q, k, v, g, _ = (x.detach() for x in _hgrn2_inputs(2, 80, 4, 64, 64, dtype, sad=True))
     full, _ = LF.gated_linear_attention(q, k, v, g, backend="fla")
@@ -75,13 +77,12 @@ def test_prefill_then_recurrent_decode_matches_one_call(dtype):
 
 
 def test_lasad_module_fla_equals_torch():
-    module = LasadAttention(256, expand_ratio=64).cuda()
-    x = torch.randn(2, 1 + 16 * 16, 256, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        module.backend = "fla"
-        a = module(x, grid_hw=(16, 16))
-        module.backend = "torch"
-        b = module(x, grid_hw=(16, 16))
+    module = LasadAttention(256, expand_ratio=64).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 1 + 16 * 16, 256, device="cuda", dtype=torch.bfloat16)
+    module.backend = "fla"
+    a = module(x, grid_hw=(16, 16))
+    module.backend = "torch"
+    b = module(x, grid_hw=(16, 16))
     assert rel_rms(a, b) < 0.02
 
 

@@ -204,6 +204,18 @@ class CausalLinearMixer(nn.Module, ABC):
         """Process tokens at absolute positions ``position…``; return ``(y, state)``."""
 
 
+def _spatial_decay(log_decay: Tensor, mode: str, position_rule, start: int, n_cond: int, grid_hw) -> Tensor:
+    """Apply LASAD's spatial-aware decay (unless ``mode`` is "off") to tokens at ``start, start+1, …``."""
+    if mode == "off":
+        return log_decay
+    if grid_hw is None:
+        raise ValueError("spatial-aware decay needs grid_hw (its width is the raster row length)")
+    # LASAD counts positions with exactly one prefix token at 0; shift for other prefix lengths.
+    return LF.spatial_aware_log_decay(
+        log_decay, grid_hw[1], start=start - (n_cond - 1), mode=mode, position=position_rule
+    )
+
+
 class LasadAttention(CausalLinearMixer):
     """LASAD: HGRN2 token mixer with spatial-aware decay (``reference/lasad.md`` §2).
 
@@ -244,17 +256,7 @@ class LasadAttention(CausalLinearMixer):
         log_decay = _split_heads(LF.lower_bounded_log_sigmoid(self.f_proj(x), lower_bound), h)
         v = _split_heads(self.i_proj(x), h)
         k = (1.0 - log_decay.exp()).to(v.dtype)
-        if self.sad_mode != "off":
-            if grid_hw is None:
-                raise ValueError("spatial-aware decay needs grid_hw (its width is the raster row length)")
-            # LASAD counts positions with exactly one prefix token at 0; shift for other prefix lengths.
-            log_decay = LF.spatial_aware_log_decay(
-                log_decay,
-                grid_hw[1],
-                start=position - (n_cond - 1),
-                mode=self.sad_mode,
-                position=self.sad_position,
-            )
+        log_decay = _spatial_decay(log_decay, self.sad_mode, self.sad_position, position, n_cond, grid_hw)
         o, state = LF.gated_linear_attention(
             q,
             k,
@@ -315,16 +317,7 @@ class GlaAttention(CausalLinearMixer):
         log_decay = _split_heads(
             F.logsigmoid(gate_logits.to(LF.accumulation_dtype(x.dtype))) / self.normalizer, h
         )
-        if self.sad_mode != "off":
-            if grid_hw is None:
-                raise ValueError("spatial-aware decay needs grid_hw")
-            log_decay = LF.spatial_aware_log_decay(
-                log_decay,
-                grid_hw[1],
-                start=position - (n_cond - 1),
-                mode=self.sad_mode,
-                position=self.sad_position,
-            )
+        log_decay = _spatial_decay(log_decay, self.sad_mode, self.sad_position, position, n_cond, grid_hw)
         o, state = LF.gated_linear_attention(
             q, k, v, log_decay, initial_state=state, output_final_state=True, backend=self.backend
         )

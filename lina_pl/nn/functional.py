@@ -282,7 +282,7 @@ def gated_linear_attention(
 
     ``backend``: ``"torch"`` runs the pure-PyTorch path on any device (chunked for training/prefill,
     recurrent for a single token); ``"fla"`` runs fla's ``chunk_gla``/``fused_recurrent_gla`` CUDA
-    kernels; ``"auto"`` picks fla on CUDA when it is installed.
+    kernels; ``"auto"`` picks fla for bf16/fp16 CUDA inputs when it is installed.
     """
     _check_qkv(q, k, v)
     if log_decay.shape != k.shape:
@@ -309,7 +309,10 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
     if backend not in ("auto", "torch", "fla"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}")
     if backend == "auto":
-        return "fla" if q.is_cuda and fla_available() else "torch"
+        # fla 0.6.0's chunk_gla raised "CUDA error: misaligned address" for fp32 inputs (T=17 with an
+        # initial state; H100, triton 3.6), so fp32 stays on the torch path unless fla is asked for.
+        half = q.dtype in (torch.bfloat16, torch.float16)
+        return "fla" if q.is_cuda and half and fla_available() else "torch"
     if backend == "fla" and not q.is_cuda:
         raise RuntimeError("backend='fla' needs CUDA tensors (fla's Triton kernels have no CPU driver)")
     return backend
