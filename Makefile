@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+DIGITS := data/shards/digits
+DEMO := runs/demo
+
+# The embedded default: digits shards -> train LINA on CPU -> samples.npz + PNG grid -> class consistency.
 demo: setup
-	$(BIN)/lina bench attention --skip-timing
+	$(BIN)/lina data build --source digits --out $(DIGITS) --overwrite
+	$(BIN)/lina fit --config configs/c2i/demo.yaml
+	$(BIN)/lina sample --ckpt $(DEMO)/checkpoints/last.ckpt --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 \
+		--cfg 3 --steps 16 --out $(DEMO)/samples.npz
+	$(BIN)/lina evaluate --samples $(DEMO)/samples.npz --data $(DIGITS)
 
 lint: setup
 	$(BIN)/ruff check lina_pl tests

@@ -12,7 +12,20 @@ import sys
 
 #: subcommand -> (module with a ``main(argv)``, one-line help)
 COMMANDS = {
+    "fit": (
+        "lina_pl.lightning.cli",
+        "train a model from a config (`lina fit --config configs/c2i/demo.yaml`)",
+    ),
+    "validate": ("lina_pl.lightning.cli", "run validation from a config and a checkpoint"),
+    "test": ("lina_pl.lightning.cli", "run the test loop"),
+    "predict": ("lina_pl.lightning.cli", "run the predict loop"),
+    "sample": ("lina_pl.commands.sample", "generate samples.npz (+ PNG grid) from a checkpoint"),
+    "evaluate": ("lina_pl.commands.evaluate", "score samples.npz (class consistency on digits)"),
     "bench": ("lina_pl.bench", "benchmarks that print JSON (e.g. `lina bench attention`)"),
+    "data": (
+        "lina_pl.data.build",
+        "build webdataset shards from digits or an image folder (`lina data build --help`)",
+    ),
 }
 
 
@@ -36,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    if module.__name__ == "lina_pl.lightning.cli":  # LightningCLI parses the subcommand itself
+        return module.main(argv) or 0
     return module.main(argv[1:]) or 0
 
 

@@ -1,0 +1,1 @@
+"""Console subcommands that are not LightningCLI loops (``lina sample``, ``lina evaluate``)."""
