@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lina_pl.codecs import Codec, PatchifyCodec
+from lina_pl.codecs import create_codec
 from lina_pl.lightning.images import make_grid, to_uint8_nhwc
 from lina_pl.models import create_model
 from lina_pl.nn.optim import parameter_groups
@@ -23,11 +23,12 @@ class LinaC2I(L.LightningModule):
     Args:
         model: preset name in ``lina_pl.models.PRESETS``.
         model_overrides: config fields to change (mixers, depths, mask ratios, ...).
-        codec: images <-> latents; default: patchify pixels with ``patch_size``.
+        codec: images <-> latents: "patchify" (pixels) or "diffusers" (a local AutoencoderKL).
+        codec_options: the codec's options, e.g. ``{patch_size: 2}`` or ``{path: /vae, patch_size: 1}``;
+            patchify's ``channels`` defaults to ``image_channels``.
         image_size: (H, W) of the images (linked from the data module).
-        image_channels: image channels (linked from the data module; used by the default codec).
+        image_channels: image channels (linked from the data module).
         num_classes: number of classes (linked from the data module).
-        patch_size: patch size of the default patchify codec.
         lr: peak learning rate.
         weight_decay: AdamW weight decay; norms and KV gates are never decayed.
         betas: AdamW betas.
@@ -48,11 +49,11 @@ class LinaC2I(L.LightningModule):
         self,
         model: str = "lina_c2i_demo",
         model_overrides: dict[str, Any] | None = None,
-        codec: Codec | None = None,
+        codec: str = "patchify",
+        codec_options: dict[str, Any] | None = None,
         image_size: tuple[int, int] = (16, 16),
         image_channels: int = 1,
         num_classes: int = 10,
-        patch_size: int = 2,
         lr: float = 8e-4,
         weight_decay: float = 0.02,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -72,7 +73,10 @@ class LinaC2I(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        self.codec = codec or PatchifyCodec(image_channels, patch_size)
+        options = dict(codec_options or {})
+        if codec == "patchify":
+            options.setdefault("channels", image_channels)
+        self.codec = create_codec(codec, **options)
         grid = self.codec.grid(tuple(image_size))
         overrides = {"grid": grid, "token_channels": self.codec.token_channels, "num_classes": num_classes}
         self.model = create_model(model, **(overrides | (model_overrides or {})))
@@ -169,12 +173,17 @@ class LinaC2I(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
 
         def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return 0.001 + (1 - 0.001) * step / hp.warmup_steps
-            if hp.lr_schedule == "cosine":
-                progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
-                return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-            return 1.0
+            return lr_factor(step, hp.warmup_steps, hp.lr_schedule, total)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0.001, then 1 (``constant``) or a cosine decay to 0 at the end."""
+    if step < warmup_steps:
+        return 0.001 + (1 - 0.001) * step / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
