@@ -171,3 +171,20 @@ def test_label_dropout_uses_the_null_class():
     model = create_model("lina_c2i_tiny", label_dropout=1.0)
     assert (model.drop_labels(torch.arange(10)) == model.null_class).all()
     assert LinaConfig(label_dropout=0.0).label_dropout == 0.0
+
+
+def test_rope_option_uses_rotations_instead_of_the_additive_embedding():
+    torch.manual_seed(0)
+    model = create_model("lina_c2i_tiny", position="rope").double()
+    assert model.image_pos.abs().sum() == 0 and model.image_rope.shape == (2, 2 * 2 + 16, 8)
+    tokens, labels = torch.randn(2, 16, 4, dtype=torch.float64), torch.tensor([1, 2])
+    assert torch.isfinite(model(tokens, labels))
+    # the encoder sees visible tokens in a random order: per-sample RoPE rows must follow the tokens, so
+    # permuting the visible list changes nothing
+    c = model.condition(labels)
+    visible = torch.tensor([[3, 7, 11], [0, 5, 9]])
+    z = model.transformer(tokens, visible, c)
+    z_perm = model.transformer(tokens, visible[:, [2, 0, 1]], c)
+    assert torch.allclose(z, z_perm, atol=1e-10)
+    with pytest.raises(ValueError, match="position"):
+        create_model("lina_c2i_tiny", position="learned")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lina_pl.nn.attention import LinaAttention, SoftmaxAttention
 from lina_pl.nn.blocks import PostNormBlock
 from lina_pl.nn.flow_head import FlowHead, euler_sample, flow_matching_loss
-from lina_pl.nn.position import sincos_2d
+from lina_pl.nn.position import rope_2d, sincos_2d
 from lina_pl.sampling import cfg_scale, cosine_mask_counts, truncated_normal_mask_ratio
 
 TOWER_MIXERS = ("lina", "inline", "softmax", "hybrid")
@@ -43,6 +43,7 @@ class LinaConfig:
     hybrid_every: int = 8  # "hybrid": block i is softmax when i % hybrid_every == hybrid_every − 1
     conv_kernel_size: int = 5  # depthwise conv in linear decoder blocks (0 = off)
     kv_gate: str | None = "absolute"  # KV gate in linear decoder blocks: absolute | grid | None
+    position: str = "sincos"  # "sincos": additive 2-D APE (final LINA); "rope": 2-D RoPE on q, k instead
     head_width: int | None = None  # flow head width (default: dim)
     head_depth: int = 6
     mask_ratio_min: float = 0.7
@@ -66,6 +67,10 @@ class LinaConfig:
             raise ValueError("need 0 ≤ mask_ratio_min ≤ mask_ratio_max ≤ 1")
         if self.dim % 4:
             raise ValueError("dim must be a multiple of 4 (2-D sin-cos position embedding)")
+        if self.position not in ("sincos", "rope"):
+            raise ValueError(f"position must be 'sincos' or 'rope', got {self.position!r}")
+        if self.position == "rope" and (self.dim // self.heads) % 4:
+            raise ValueError("2-D RoPE needs a head dim divisible by 4")
 
     @property
     def num_tokens(self) -> int:
@@ -110,13 +115,21 @@ class LinaGenerator(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, d)
         self.class_norm = nn.LayerNorm(d, elementwise_affine=False)
         self.bov_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("cond_pos", sincos_2d(cfg.cond_grid, d)[None], persistent=False)
+        rope = cfg.position == "rope"  # RoPE replaces the additive embedding (identity rows for prefixes)
+        self.register_buffer("cond_pos", sincos_2d(cfg.cond_grid, d)[None] * (not rope), persistent=False)
         self.cond_blocks = _tower(cfg, cfg.cond_depth, cfg.mixer, decoder=False)
         self.cond_norm = nn.LayerNorm(d)
         # image transformer
         self.token_embed = nn.Linear(cfg.token_channels, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("image_pos", sincos_2d(cfg.grid, d)[None], persistent=False)
+        self.register_buffer("image_pos", sincos_2d(cfg.grid, d)[None] * (not rope), persistent=False)
+        if rope:
+            head_dim, m = d // cfg.heads, cfg.num_cond_tokens
+            for name, table in (
+                ("cond_rope", rope_2d(head_dim, cfg.cond_grid, n_prefix=1)),
+                ("image_rope", rope_2d(head_dim, cfg.grid, n_prefix=m)),
+            ):
+                self.register_buffer(name, torch.stack(table).float(), persistent=False)  # [2, N, hd/2]
         self.encoder_blocks = _tower(cfg, cfg.encoder_depth, cfg.mixer, decoder=False)
         self.decoder_blocks = _tower(cfg, cfg.decoder_depth, cfg.decoder_mixer, decoder=True)
         self.final_norm = nn.LayerNorm(d)
@@ -137,8 +150,9 @@ class LinaGenerator(nn.Module):
         b, m = labels.shape[0], self.config.num_cond_tokens
         cls = self.class_norm(self.class_embed(labels))[:, None]
         h = torch.cat([cls, (self.bov_token + self.cond_pos).expand(b, -1, -1)], dim=1)
+        rope = tuple(self.cond_rope) if self.config.position == "rope" else None
         for block in self.cond_blocks:
-            h = block(h, n_cond=1)
+            h = block(h, n_cond=1, rope=rope)
         return self.cond_norm(h[:, -m:])
 
     def transformer(self, tokens: Tensor, visible_idx: Tensor, c: Tensor) -> Tensor:
@@ -151,13 +165,18 @@ class LinaGenerator(nn.Module):
         gather_idx = visible_idx[..., None].expand(-1, -1, d)
         visible = torch.gather(full, 1, gather_idx)
         h = torch.cat([c, visible], dim=1)
+        enc_rope = dec_rope = None
+        if self.config.position == "rope":  # per-sample rows: visible tokens come in a random order
+            dec_rope = tuple(self.image_rope)
+            rows = torch.cat([torch.arange(m, device=tokens.device).expand(b, -1), m + visible_idx], dim=1)
+            enc_rope = tuple(t[rows] for t in self.image_rope)
         for block in self.encoder_blocks:
-            h = block(h, n_cond=m)
+            h = block(h, n_cond=m, rope=enc_rope)
         c, visible = h[:, :m], h[:, m:]
         full = full.scatter(1, gather_idx, visible)  # masked positions keep mask token + position
         h = torch.cat([c, full], dim=1)
         for block in self.decoder_blocks:
-            h = block(h, n_cond=m, grid_hw=self.config.grid)
+            h = block(h, n_cond=m, grid_hw=self.config.grid, rope=dec_rope)
         return self.final_norm(h)[:, m:]
 
     # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def _rope_rows(table, start: int, length: int) -> tuple[Tensor, Tensor]:
     return cos[start : start + length], sin[start : start + length]
 
 
+RopeTables = tuple[Tensor, Tensor] | None
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(*x.shape[:2], heads, -1)
 
@@ -92,13 +95,19 @@ class LinaAttention(nn.Module):
             raise ValueError("a KV gate needs the token layout: pass n_cond and grid_hw")
         self.kv_gate = KVGate(num_heads, n_cond, grid_hw, kv_gate) if kv_gate is not None else None
 
-    def forward(self, x: Tensor, *, n_cond: int = 0, grid_hw: tuple[int, int] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, n_cond: int = 0, grid_hw: tuple[int, int] | None = None, rope: RopeTables = None
+    ) -> Tensor:
+        """``rope``: optional ``(cos, sin)`` tables rotating q and k *before* the feature map (LINA's
+        "linear3", the stable RoPE variant; identity rows for condition tokens)."""
         local = self.conv is not None or self.kv_gate is not None
         if local:
             if grid_hw is None:
                 raise ValueError("the decoder form (conv / KV gate) needs grid_hw")
             check_layout(x, n_cond, grid_hw)
         q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         key_gate, value_gate = self.kv_gate(n_cond, grid_hw) if self.kv_gate is not None else (None, None)
         out = LF.linear_attention(
             q, k, v, normalization=self.normalization, key_gate=key_gate, value_gate=value_gate, eps=self.eps
@@ -147,8 +156,16 @@ class SoftmaxAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def forward(self, x: Tensor, *, n_cond: int = 0, grid_hw: tuple[int, int] | None = None) -> Tensor:
-        q, k, v = self._qkv(x, 0, n_cond, grid_hw)
+    def forward(
+        self, x: Tensor, *, n_cond: int = 0, grid_hw: tuple[int, int] | None = None, rope: RopeTables = None
+    ) -> Tensor:
+        """``rope``: explicit ``(cos, sin)`` tables (e.g. per-sample for gathered tokens); otherwise the
+        module's own ``rope="2d"`` layout, if set."""
+        if rope is not None:
+            q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:
+            q, k, v = self._qkv(x, 0, n_cond, grid_hw)
         return self.proj(_merge_heads(LF.softmax_attention(q, k, v, causal=self.causal)))
 
     def step(self, x: Tensor, state: KVCache | None, position: int, *, n_cond: int = 1, grid_hw=None):

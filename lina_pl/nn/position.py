@@ -99,12 +99,13 @@ def rope_3d(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs of ``x`` ``[B, N, H, D]`` by tables ``[N, D/2]`` (in fp32 at least)."""
-    if cos.shape != (x.shape[1], x.shape[-1] // 2):
+    """Rotate interleaved pairs of ``x`` ``[B, N, H, D]`` by tables ``[N, D/2]`` or, for per-sample
+    positions (tokens gathered in a random order), ``[B, N, D/2]``; computed in fp32 at least."""
+    if cos.shape[-2:] != (x.shape[1], x.shape[-1] // 2) or cos.dim() not in (2, 3):
         raise ValueError(f"RoPE table {tuple(cos.shape)} does not fit x {tuple(x.shape)}")
     acc = accumulation_dtype(x.dtype)
     xf = x.to(acc).reshape(*x.shape[:-1], -1, 2)
-    c, s = (t[None, :, None].to(device=x.device, dtype=acc) for t in (cos, sin))
+    c, s = (t.to(device=x.device, dtype=acc).unsqueeze(-2) for t in (cos, sin))  # [(B,) N, 1, D/2]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
     return out.flatten(-2).to(x.dtype)
