@@ -156,3 +156,28 @@ def test_sample_rejects_bad_input(run):
         text=True,
     )
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_ddp_two_cpu_processes(run):
+    """2-process DDP (gloo): both ranks run the same number of steps on their own shard streams, the val
+    set is split by a DistributedSampler, and nothing hangs."""
+    tmp, _ = run
+    result = lina(
+        "fit",
+        "--config",
+        tmp / "config.yaml",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        2,
+        "--trainer.max_epochs",
+        1,
+        "--trainer.callbacks.dirpath",
+        tmp / "ddp_ckpt",
+        "--trainer.logger.init_args.name",
+        "ddp",
+        cwd=tmp,
+    )
+    ckpt = torch.load(tmp / "ddp_ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # 64 samples per epoch / (batch 16 × 2 ranks)
+    assert "Traceback" not in result.stderr
