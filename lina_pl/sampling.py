@@ -40,3 +40,27 @@ def cfg_scale(cfg: float, step: int, steps: int, schedule: str = "linear") -> fl
     if schedule == "linear":
         return 1.0 + (cfg - 1.0) * (step + 1) / steps
     raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
+
+
+def sample_logits(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One code per row of ``logits [B, V]``: divide by ``max(temperature, 1e-5)``, keep the ``top_k``
+    largest (0 = all) and the smallest set whose probability reaches ``top_p`` (the top token always
+    stays), then sample."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already ≥ p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

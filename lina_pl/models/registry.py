@@ -1,7 +1,8 @@
 """Preset table and ``create_model(name, **overrides)``.
 
 Paper presets reproduce the trainable parameter counts of ``reference/lina.md`` §1.2 (final
-"kvscale1" models: 362.35M / 643.30M / ≈1445.4M for MAR KL-16 tokens at 256 px).
+"kvscale1" models: 362.35M / 643.30M / ≈1445.4M for MAR KL-16 tokens at 256 px) and of
+``reference/lasad.md`` §2.5 / §3.1 (LlamaGen B/L/XL/XXL 110.9M / 342.9M / 774.7M / 1.41B; LASAD within 1%).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from lina_pl.models.lina import LinaConfig, LinaGenerator
+from lina_pl.models.raster import RasterConfig, RasterGenerator
 
 _IMAGENET_256 = dict(token_channels=16, grid=(16, 16), cond_grid=(8, 8), num_classes=1000)
 
@@ -55,6 +57,31 @@ PRESETS: dict[str, tuple[type[nn.Module], type, dict[str, Any]]] = {
         ),
     ),
 }
+
+
+_RASTER_SIZES = {"b": (12, 768, 12), "l": (24, 1024, 16), "xl": (36, 1280, 20), "xxl": (48, 1536, 24)}
+for _size, (_depth, _dim, _heads) in _RASTER_SIZES.items():
+    for _family, _mixer in (("lasad", "lasad"), ("llamagen", "softmax")):
+        PRESETS[f"{_family}_{_size}"] = (
+            RasterGenerator,
+            RasterConfig,
+            dict(depth=_depth, dim=_dim, heads=_heads, mixer=_mixer),
+        )
+for _family, _mixer in (("lasad", "lasad"), ("llamagen", "softmax")):
+    PRESETS[f"{_family}_tiny"] = (
+        RasterGenerator,
+        RasterConfig,
+        dict(
+            depth=2,
+            dim=32,
+            heads=2,
+            expand_ratio=16,
+            vocab_size=64,
+            grid=(4, 4),
+            num_classes=10,
+            mixer=_mixer,
+        ),
+    )
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
