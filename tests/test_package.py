@@ -56,3 +56,14 @@ def test_bench_flops_only_prints_json():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["flops"]["ratio"] <= 0.39 and "timing" not in report
+
+
+def test_decode_bench_state_is_constant_for_lasad_and_grows_for_softmax():
+    """The decode benchmark's state accounting (sizes, not timings): recurrent state vs KV cache."""
+    from lina_pl.bench.decode import measure
+
+    shape = dict(batch=2, dim=32, depth=2, heads=2, vocab=64)
+    lasad = [measure("lasad", n, **shape)["state_mb"] for n in (16, 64)]
+    softmax = [measure("softmax", n, **shape)["state_mb"] for n in (16, 64)]
+    assert lasad[0] == lasad[1] > 0
+    assert softmax[1] == pytest.approx(4 * softmax[0], rel=0.05)  # KV cache ∝ tokens

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = {"attention": "FLOPs, CPU time and peak memory of LINA attention vs softmax"}
+BENCHMARKS = {
+    "attention": "FLOPs, CPU time and peak memory of LINA attention vs softmax",
+    "decode": "per-token decoding latency and memory, LASAD vs softmax + KV cache",
+}
 
 
 def main(argv: list[str]) -> int:

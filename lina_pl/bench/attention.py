@@ -29,6 +29,7 @@ import time
 import torch
 from torch import nn
 
+from lina_pl.bench.memory import reset_peak_rss, rss_bytes
 from lina_pl.nn import LinaAttention, SoftmaxAttention
 
 TARGETS = {
@@ -90,21 +91,6 @@ def count_flops(n_cond: int = 1024, grid: int = 64, dim: int = 1536, heads: int 
     return results
 
 
-def _rss_bytes(field: str = "VmRSS") -> int:
-    """Current (``VmRSS``) or peak (``VmHWM``) resident set of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(
     variant: str,
     n: int,
@@ -148,10 +134,10 @@ def measure(
                 step(x)
                 peak = torch.cuda.max_memory_allocated() - baseline
             else:
-                _reset_peak_rss()
-                baseline = _rss_bytes()
+                reset_peak_rss()
+                baseline = rss_bytes()
                 step(x)
-                peak = _rss_bytes("VmHWM") - baseline
+                peak = rss_bytes("VmHWM") - baseline
             return {"variant": variant, "n": n, "peak_mb": peak / 2**20}
         times = []
         for _ in range(repeats):

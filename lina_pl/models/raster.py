@@ -9,6 +9,7 @@ positions, so the spatial mask and RoPE match training exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -245,10 +246,12 @@ class RasterGenerator(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        on_token: Callable[[int, list], None] | None = None,
     ) -> Tensor:
         """Sample codes ``[B, N]``: prefill the class token, then one token per step with the recurrent
         state / KV cache. CFG mixes logits ``u + s·(c − u)`` (batch doubled with the null class) until
-        ``cfg_interval`` tokens (−1: always); then temperature, top-k, top-p."""
+        ``cfg_interval`` tokens (−1: always); then temperature, top-k, top-p. ``on_token(i, states)`` is
+        called after token i is sampled (progress bars, benchmarks)."""
         from lina_pl.sampling import sample_logits
 
         b, n = labels.shape[0], self.config.num_tokens
@@ -263,6 +266,8 @@ class RasterGenerator(nn.Module):
                 last = uncond + cfg * (cond - uncond) if (cfg_interval < 0 or i < cfg_interval) else cond
             code = sample_logits(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             codes.append(code)
+            if on_token is not None:
+                on_token(i, states)
             if i + 1 < n:
                 inp = torch.cat([code, code]) if guided else code
                 logits, states = self.step(self.embed(None, inp[:, None]), states, i + 1)
