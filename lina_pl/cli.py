@@ -19,6 +19,7 @@ COMMANDS = {
     "validate": ("lina_pl.lightning.cli", "run validation from a config and a checkpoint"),
     "test": ("lina_pl.lightning.cli", "run the test loop"),
     "predict": ("lina_pl.lightning.cli", "run the predict loop"),
+    "tokenizer": ("lina_pl.commands.tokenizer", "fit the k-means patch tokenizer for raster models"),
     "sample": ("lina_pl.commands.sample", "generate samples.npz (+ PNG grid) from a checkpoint"),
     "evaluate": ("lina_pl.commands.evaluate", "score samples.npz (class consistency on digits)"),
     "bench": ("lina_pl.bench", "benchmarks that print JSON (e.g. `lina bench attention`)"),

@@ -7,7 +7,8 @@ import torch
 from lina_pl.data.build import build
 from lina_pl.data.datamodule import ShardDataModule
 from lina_pl.data.sources import DigitsSource
-from lina_pl.lightning.c2i import LinaC2I, lr_factor
+from lina_pl.lightning.base import lr_factor
+from lina_pl.lightning.c2i import LinaC2I
 
 
 @pytest.fixture(scope="module")

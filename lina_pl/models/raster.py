@@ -203,12 +203,20 @@ class RasterGenerator(nn.Module):
         return [None if i == 0 else bounds[i] for i in range(self.config.depth)]  # β₀ = 0: no bound
 
     def step(
-        self, x: Tensor, states: list | None, position: int, keep_state: bool = True
+        self,
+        x: Tensor,
+        states: list | None,
+        position: int,
+        keep_state: bool = True,
+        bounds: list | None = None,
     ) -> tuple[Tensor, list]:
-        """Run embedded inputs ``x [B, T, D]`` at absolute positions ``position…``; returns logits, states."""
+        """Run embedded inputs ``x [B, T, D]`` at absolute positions ``position…``; returns logits, states.
+
+        ``bounds``: precomputed HGRN2 lower bounds (decoding reuses them for every token)."""
         states = states or [None] * self.config.depth
+        bounds = self._lower_bounds() if bounds is None else bounds
         new_states = []
-        for layer, state, bound in zip(self.layers, states, self._lower_bounds(), strict=True):
+        for layer, state, bound in zip(self.layers, states, bounds, strict=True):
             x, state = layer(x, state, position, self.config.grid, bound, keep_state)
             new_states.append(state)
         return self.output(LF.rms_norm(x, self.norm.weight, self.norm.eps)).float(), new_states
@@ -257,7 +265,8 @@ class RasterGenerator(nn.Module):
         b, n = labels.shape[0], self.config.num_tokens
         guided = cfg != 1.0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        logits, states = self.step(self.embed(rows, None), None, 0)
+        bounds = self._lower_bounds()
+        logits, states = self.step(self.embed(rows, None), None, 0, bounds=bounds)
         codes = []
         for i in range(n):
             last = logits[:, -1]
@@ -270,5 +279,5 @@ class RasterGenerator(nn.Module):
                 on_token(i, states)
             if i + 1 < n:
                 inp = torch.cat([code, code]) if guided else code
-                logits, states = self.step(self.embed(None, inp[:, None]), states, i + 1)
+                logits, states = self.step(self.embed(None, inp[:, None]), states, i + 1, bounds=bounds)
         return torch.stack(codes, dim=1)

@@ -1,0 +1,36 @@
+"""``lina tokenizer fit``: fit the k-means patch tokenizer (the demo's stand-in for VQ-16) on train shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from lina_pl.codecs.kmeans import KMeansTokenizer
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lina tokenizer", description=__doc__)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fit = sub.add_parser("fit", help="fit a codebook on the train split of a shard directory")
+    fit.add_argument("--data", required=True, help="shard directory (image.png format)")
+    fit.add_argument("--out", required=True, help="output .npz")
+    fit.add_argument("--codebook-size", type=int, default=256, help="number of codes")
+    fit.add_argument("--patch-size", type=int, default=2, help="pixels per side of a patch (one token)")
+    fit.add_argument("--iters", type=int, default=25, help="Lloyd iterations")
+    fit.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from lina_pl.data.datamodule import ShardDataModule
+
+    images, _ = ShardDataModule(args.data).real_images("train")  # uint8 [N, H, W, C]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    tokenizer = KMeansTokenizer.fit(x, args.codebook_size, args.patch_size, args.iters, args.seed)
+    path = tokenizer.save(args.out)
+    error = (tokenizer.decode(tokenizer.encode(x), tokenizer.grid(x.shape[-2:])) - x).abs().mean().item()
+    print(
+        json.dumps(
+            {"tokenizer": str(path), "codes": args.codebook_size, "mean_abs_reconstruction_error": error}
+        )
+    )
+    return 0
