@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "lina_pl.bench.decode", "--worker", mixer, str(tokens)]
             cmd += [f"--{k}={v}" for k, v in shape.items()]
             row = _worker(cmd)  # timing: the allocator as users run it
-            # memory: fixed mmap threshold, so freed buffers leave the resident set at once (slower, not timed)
+            # memory: a fixed mmap threshold returns freed buffers at once (slower, so not timed)
             memory = _worker(cmd, os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
             rows.append(row | {"peak_mb": memory["peak_mb"]})
             r = rows[-1]
