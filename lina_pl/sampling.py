@@ -20,6 +20,12 @@ def truncated_normal_mask_ratio(shape, low: float, high: float, std: float, devi
     return (high + std * torch.special.ndtri(u)).clamp(low, high).float()
 
 
+def drop_labels(labels: Tensor, probability: float, null_class: int) -> Tensor:
+    """Classifier-free guidance training: replace each label by ``null_class`` with ``probability``."""
+    drop = torch.rand(labels.shape, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 def cosine_mask_counts(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each of ``steps`` steps: ``m_k = round(cos(π/2 · k/T) · L)``, k = 0..T.
 

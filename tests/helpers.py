@@ -1,6 +1,23 @@
 """Small helpers shared by the tests."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+LINA = Path(sys.executable).parent / "lina"
+
+
+def run_lina(*args, cwd):
+    """Run the installed `lina` console script; fail the test with its output if it fails."""
+    result = subprocess.run(
+        [str(LINA), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+    assert result.returncode == 0, (
+        f"lina {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    )
+    return result
 
 
 def randn(*shape, dtype=torch.float64, device="cpu", requires_grad=False):

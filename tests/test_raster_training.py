@@ -2,30 +2,18 @@
 `lina sample` on its checkpoint (the same command as for LINA)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import run_lina as lina
 
 from lina_pl.codecs.kmeans import KMeansTokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-LINA = Path(sys.executable).parent / "lina"
-
-
-def lina(*args, cwd):
-    result = subprocess.run(
-        [str(LINA), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
-    assert result.returncode == 0, (
-        f"lina {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
-    )
-    return result
 
 
 def test_kmeans_tokenizer_roundtrip(tmp_path):

@@ -4,29 +4,19 @@ shrunk (tiny model, 8×8 digits, a few steps, no workers)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import LINA
+from helpers import run_lina as lina
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-LINA = Path(sys.executable).parent / "lina"
-
-
-def lina(*args, cwd):
-    result = subprocess.run(
-        [str(LINA), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
-    assert result.returncode == 0, (
-        f"lina {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
-    )
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from lina_pl.nn.attention import LinaAttention, SoftmaxAttention
 from lina_pl.nn.blocks import PostNormBlock
 from lina_pl.nn.flow_head import FlowHead, euler_sample, flow_matching_loss
 from lina_pl.nn.position import rope_2d, sincos_2d
-from lina_pl.sampling import cfg_scale, cosine_mask_counts, truncated_normal_mask_ratio
+from lina_pl.sampling import cfg_scale, cosine_mask_counts, drop_labels, truncated_normal_mask_ratio
 
 TOWER_MIXERS = ("lina", "inline", "softmax", "hybrid")
 
@@ -184,8 +184,7 @@ class LinaGenerator(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def drop_labels(self, labels: Tensor) -> Tensor:
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return drop_labels(labels, self.config.label_dropout, self.null_class)
 
     def sample_mask(self, batch: int, device) -> tuple[Tensor, Tensor]:
         """Random order per sample; returns ``(visible_idx [B, V], masked [B, L] bool)``.

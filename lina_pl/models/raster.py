@@ -24,6 +24,7 @@ from lina_pl.nn.attention import (
     SoftmaxAttention,
     TnlAttention,
 )
+from lina_pl.sampling import drop_labels, sample_logits
 
 RASTER_MIXERS = ("lasad", "gla", "tnl", "linear_rope", "softmax", "hybrid")
 
@@ -230,8 +231,7 @@ class RasterGenerator(nn.Module):
         return torch.cat(parts, dim=1)
 
     def drop_labels(self, labels: Tensor) -> Tensor:
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return drop_labels(labels, self.config.class_dropout, self.null_class)
 
     def forward(self, codes: Tensor, labels: Tensor) -> Tensor:
         """Teacher-forced logits ``[B, N, vocab]`` for codes ``[B, N]`` (input ``[cls, x_1 … x_{N−1}]``)."""
@@ -260,8 +260,6 @@ class RasterGenerator(nn.Module):
         state / KV cache. CFG mixes logits ``u + s·(c − u)`` (batch doubled with the null class) until
         ``cfg_interval`` tokens (−1: always); then temperature, top-k, top-p. ``on_token(i, states)`` is
         called after token i is sampled (progress bars, benchmarks)."""
-        from lina_pl.sampling import sample_logits
-
         b, n = labels.shape[0], self.config.num_tokens
         guided = cfg != 1.0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
