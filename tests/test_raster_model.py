@@ -104,6 +104,12 @@ def test_sample_logits_filters():
     assert greedy.item() == 0
 
 
+def test_yaml_off_is_accepted_for_sad_mode():
+    """YAML 1.1 turns a bare `off` into false; the config maps it back to "off"."""
+    model = create_model("lasad_tiny", sad_mode=False)
+    assert model.config.sad_mode == "off" and model.layers[0].attn.sad_mode == "off"
+
+
 def test_lower_bounds_are_excluded_from_weight_decay_and_head_starts_at_zero():
     model = create_model("lasad_tiny")
     decay, no_decay = parameter_groups(model, 0.05)

@@ -67,6 +67,8 @@ class RasterConfig:
 
     def __post_init__(self):
         self.grid = tuple(self.grid)
+        if self.sad_mode is False:  # YAML 1.1 reads a bare `off` as false
+            self.sad_mode = "off"
         if self.mixer not in RASTER_MIXERS:
             raise ValueError(f"mixer must be one of {RASTER_MIXERS}, got {self.mixer!r}")
         if self.mixer == "softmax":
