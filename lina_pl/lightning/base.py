@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from abc import ABC, abstractmethod
 
 import lightning as L
 import torch
@@ -33,7 +34,7 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> 
     return 1.0
 
 
-class GeneratorModule(L.LightningModule):
+class GeneratorModule(L.LightningModule, ABC):
     """Shared training loop for ``LinaC2I`` and ``RasterC2I``."""
 
     model: torch.nn.Module
@@ -49,9 +50,13 @@ class GeneratorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MODULE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
+    @abstractmethod
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The training objective on one batch (each generator family defines it)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def sample_images(self, labels: Tensor, *, seed: int = 0, use_ema: bool = True) -> Tensor:
+        """Images ``[N, C, H, W]`` in ``[-1, 1]`` for class ``labels``."""
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
