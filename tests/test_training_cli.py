@@ -116,35 +116,14 @@ def test_sample_and_evaluate(run):
 
 def test_sample_rejects_bad_input(run):
     tmp, _ = run
-    bad = subprocess.run(
-        [
-            str(LINA),
-            "sample",
-            "--ckpt",
-            str(tmp / "ckpt/last.ckpt"),
-            "--classes",
-            "42",
-            "--out",
-            str(tmp / "x.npz"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+
+    def sample(ckpt, cls):
+        cmd = [str(LINA), "sample", "--ckpt", str(ckpt), "--classes", str(cls), "--out", str(tmp / "x.npz")]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    bad = sample(tmp / "ckpt/last.ckpt", 42)
     assert bad.returncode != 0 and "outside" in bad.stderr
-    missing = subprocess.run(
-        [
-            str(LINA),
-            "sample",
-            "--ckpt",
-            str(tmp / "nope.ckpt"),
-            "--classes",
-            "1",
-            "--out",
-            str(tmp / "x.npz"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    missing = sample(tmp / "nope.ckpt", 1)
     assert missing.returncode != 0 and "not found" in missing.stderr
 
 

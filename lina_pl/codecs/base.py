@@ -64,9 +64,6 @@ class Codec(ABC):
     def from_tokens(self, tokens: Tensor, grid_hw: tuple[int, int]) -> Tensor:
         return unpatchify(tokens, grid_hw, self.patch_size)
 
-    def images_to_tokens(self, images: Tensor) -> Tensor:
-        return self.to_tokens(self.encode(images))
-
     @torch.no_grad()
     def tokens_to_images(self, tokens: Tensor, grid_hw: tuple[int, int]) -> Tensor:
         return self.decode(self.from_tokens(tokens, grid_hw))
