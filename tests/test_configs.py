@@ -33,3 +33,24 @@ def test_paper_recipes_follow_the_reference():
             cfg["data"]["init_args"]["batch_size"] * cfg["trainer"]["devices"] * cfg["trainer"]["num_nodes"]
         )
         assert global_batch == per_gpu[name] * 32
+
+
+def test_lasad_recipes_follow_the_reference():
+    recipes = {p.stem: yaml.safe_load(p.read_text()) for p in CONFIGS if p.parent.name == "lasad"}
+    assert {"lasad_b", "lasad_l", "lasad_xl", "lasad_xxl"} < set(recipes)
+    cfg_scale = {"lasad_b": 2.0, "lasad_l": 2.0, "lasad_xl": 1.75, "lasad_xxl": 1.75}
+    for name, scale in cfg_scale.items():
+        cfg = recipes[name]
+        model = cfg["model"]["init_args"]
+        assert model["model"] == name and model["tokenizer"] == "llamagen_vq"
+        assert (model["lr"], model["weight_decay"], model["betas"]) == (1e-4, 0.05, [0.9, 0.95])
+        assert (model["warmup_steps"], model["lr_schedule"], model["ema_decay"]) == (0, "constant", None)
+        assert model["sample_cfg"] == scale
+        trainer = cfg["trainer"]
+        assert (trainer["precision"], trainer["gradient_clip_val"], trainer["max_epochs"]) == (
+            "bf16-mixed",
+            1.0,
+            300,
+        )
+        global_batch = cfg["data"]["init_args"]["batch_size"] * trainer["devices"] * trainer["num_nodes"]
+        assert global_batch == 256

@@ -262,6 +262,26 @@ def test_val_set_and_real_images_match_the_stored_pngs(digits_dir):
     assert len(data.val_dataloader()) == -(-len(stored) // 64)
 
 
+def test_val_samples_reads_only_the_first_samples(digits_dir):
+    full = ShardDataModule(str(digits_dir), num_workers=0).val_dataset
+    head = ShardDataModule(str(digits_dir), num_workers=0, val_samples=20).val_dataset
+    assert len(head) == 20 and torch.equal(head[:]["latent"], full[:20]["latent"])
+
+
+def test_image_flip_mirrors_about_half_the_training_images(digits_dir):
+    def first_epoch(flip):
+        data = ShardDataModule(str(digits_dir), batch_size=100, num_workers=0, image_flip=flip)
+        return torch.cat([b["latent"] for b in data.train_dataloader()])
+
+    torch.manual_seed(0)
+    plain = first_epoch(False)
+    torch.manual_seed(0)
+    flipped = first_epoch(True)
+    same = (flipped == plain).flatten(1).all(1)
+    mirrored = (flipped == plain.flip(-1)).flatten(1).all(1) & ~same
+    assert (same | mirrored).all() and 0.4 < mirrored.float().mean() < 0.6
+
+
 def test_missing_root_and_missing_split_fail_clearly(digits_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ShardDataModule(str(tmp_path / "nowhere"))

@@ -63,6 +63,8 @@ def test_decode_bench_state_is_constant_for_lasad_and_grows_for_softmax():
     from lina_pl.bench.decode import measure
 
     shape = dict(batch=2, dim=32, depth=2, heads=2, vocab=64)
+    row = measure("lasad", 16, **shape)
+    assert {"mixer", "tokens", "batch", "ms_per_token", "peak_mem_mb"} <= set(row)  # the row schema
     lasad = [measure("lasad", n, **shape)["state_mb"] for n in (16, 64)]
     softmax = [measure("softmax", n, **shape)["state_mb"] for n in (16, 64)]
     assert lasad[0] == lasad[1] > 0

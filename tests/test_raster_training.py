@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp / "runs")
     config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp / "ckpt")
     init = config["model"]["init_args"]
-    init.update(tokenizer=str(tmp / "tok.npz"), sample_classes=[0, 1], sample_per_class=1)
+    init.update(tokenizer_options={"path": str(tmp / "tok.npz")}, sample_classes=[0, 1], sample_per_class=1)
     init["model_overrides"].update(dim=32, depth=2, heads=2, expand_ratio=16)
     config["data"]["init_args"].update(
         root=str(tmp / "shards"), batch_size=16, num_workers=0, samples_per_epoch=48

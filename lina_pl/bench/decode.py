@@ -1,11 +1,11 @@
 """Decoding benchmark: per-token latency and memory of raster generation, LASAD vs softmax + KV cache.
 
-Prints one JSON object whose ``rows`` hold ``{"mixer", "tokens", "batch", "ms_per_token", "peak_mb",
-"state_mb"}``. Generation goes through ``RasterGenerator.generate`` — the code ``lina sample`` uses — on
-a small random model on the CPU; ``ms_per_token`` averages the last quarter of the tokens (where a KV
-cache is longest), ``peak_mb`` is the growth of the resident set over the run (measured in a second
-process whose allocator returns freed memory at once, which would distort the timing) and ``state_mb``
-the size of the decoding state (recurrent states or KV caches) at the end.
+Prints one JSON object whose ``rows`` hold ``{"mixer", "tokens", "batch", "ms_per_token",
+"tokens_per_sec", "peak_mem_mb", "state_mb"}``. Generation goes through ``RasterGenerator.generate`` (the
+code ``lina sample`` uses) on a small random model on the CPU; ``ms_per_token`` averages the last quarter
+of the tokens (where a KV cache is longest), ``peak_mem_mb`` is the growth of the resident set over the
+run (measured in a second process whose allocator returns freed memory at once, which would distort the
+timing) and ``state_mb`` the size of the decoding state (recurrent states or KV caches) at the end.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def measure(mixer: str, tokens: int, batch: int, dim: int, depth: int, heads: in
         "tokens": tokens,
         "batch": batch,
         "ms_per_token": ms,
-        "peak_mb": peak / 2**20,
+        "tokens_per_sec": 1e3 * batch / ms,  # generated tokens of the whole batch per second
+        "peak_mem_mb": peak / 2**20,
         "state_mb": final["state"] / 2**20,
     }
 
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             row = _worker(cmd)  # timing: the allocator as users run it
             # memory: a fixed mmap threshold returns freed buffers at once (slower, so not timed)
             memory = _worker(cmd, os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
-            rows.append(row | {"peak_mb": memory["peak_mb"]})
+            rows.append(row | {"peak_mem_mb": memory["peak_mem_mb"]})
             r = rows[-1]
             print(
                 f"  {mixer:>8} tokens={tokens:>5}: {r['ms_per_token']:7.2f} ms/token "
-                f"{r['peak_mb']:8.1f} MB peak {r['state_mb']:8.2f} MB state",
+                f"{r['peak_mem_mb']:8.1f} MB peak {r['state_mb']:8.2f} MB state",
                 file=sys.stderr,
                 flush=True,
             )

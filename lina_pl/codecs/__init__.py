@@ -1,15 +1,19 @@
 """Codecs map images to continuous latents and back; tokens are ``p×p`` patches of the latent grid.
+Discrete tokenizers map images to codebook indices (raster AR models).
 
 ``patchify`` needs no weights (pixels are the latent); ``diffusers`` wraps an AutoencoderKL loaded from a
-local directory. Every codec works on float images in ``[-1, 1]``, ``[B, C, H, W]``.
+local directory. Tokenizers: ``kmeans`` (fitted on the shards, ``lina tokenizer fit``) and ``llamagen_vq``
+(LlamaGen's VQ-16 from a local checkpoint). All work on float images in ``[-1, 1]``, ``[B, C, H, W]``.
 """
 
 from typing import Any
 
 from lina_pl.codecs.base import Codec, patchify, unpatchify
+from lina_pl.codecs.discrete import DiscreteTokenizer
 from lina_pl.codecs.patchify import PatchifyCodec
 
 CODECS = ("patchify", "diffusers")
+TOKENIZERS = ("kmeans", "llamagen_vq")
 
 
 def create_codec(name: str, **options: Any) -> Codec:
@@ -27,4 +31,33 @@ def create_codec(name: str, **options: Any) -> Codec:
     raise ValueError(f"unknown codec {name!r}; choose from {CODECS}")
 
 
-__all__ = ["CODECS", "Codec", "PatchifyCodec", "create_codec", "patchify", "unpatchify"]
+def create_tokenizer(name: str, **options: Any) -> DiscreteTokenizer:
+    """Build a discrete tokenizer from plain config values (checkpoints store the name and a path).
+
+    ``kmeans``: ``path`` (an .npz from ``lina tokenizer fit``). ``llamagen_vq``: ``path`` (a LlamaGen VQ
+    checkpoint such as ``vq_ds16_c2i.pt``), ``l2_norm``, ``device``.
+    """
+    if name == "kmeans":
+        from lina_pl.codecs.kmeans import KMeansTokenizer
+
+        if set(options) != {"path"}:
+            raise ValueError(f"the kmeans tokenizer takes exactly one option, path; got {sorted(options)}")
+        return KMeansTokenizer.load(options["path"])
+    if name == "llamagen_vq":
+        from lina_pl.codecs.llamagen_vq import LlamaGenVQTokenizer
+
+        return LlamaGenVQTokenizer(**options)
+    raise ValueError(f"unknown tokenizer {name!r}; choose from {TOKENIZERS}")
+
+
+__all__ = [
+    "CODECS",
+    "TOKENIZERS",
+    "Codec",
+    "DiscreteTokenizer",
+    "PatchifyCodec",
+    "create_codec",
+    "create_tokenizer",
+    "patchify",
+    "unpatchify",
+]

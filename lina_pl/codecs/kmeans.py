@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from lina_pl.codecs.base import patchify, unpatchify
+from lina_pl.codecs.discrete import DiscreteTokenizer
 from lina_pl.io import save_npz
 
 
-class KMeansTokenizer:
+class KMeansTokenizer(DiscreteTokenizer):
     """Images in ``[-1, 1]`` ``[B, C, H, W]`` <-> codes ``[B, (H/p)·(W/p)]`` in raster order."""
 
     def __init__(self, codebook: Tensor, patch_size: int, channels: int):
@@ -30,11 +31,9 @@ class KMeansTokenizer:
     def codebook_size(self) -> int:
         return self.codebook.shape[0]
 
-    def grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        h, w = image_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image {h}×{w} is not divisible by the patch size {self.patch_size}")
-        return h // self.patch_size, w // self.patch_size
+    @property
+    def downsample(self) -> int:
+        return self.patch_size
 
     def encode(self, images: Tensor) -> Tensor:
         patches = patchify(images.float(), self.patch_size)  # [B, N, p·p·C]

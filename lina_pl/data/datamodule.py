@@ -13,6 +13,7 @@ shards, or a posterior sample ``(z − latent_shift)·latent_scale`` of the imag
 from __future__ import annotations
 
 import functools
+import itertools
 import multiprocessing
 import warnings
 
@@ -54,15 +55,16 @@ class SkipBadSamples:
 class ToExample:
     """Decoded sample -> ``(latent [c, h, w] float32, label)``, checking shape and label against the manifest.
 
-    ``train=True`` draws a posterior sample of the image or its flip (VAE shards); ``train=False`` uses
-    the posterior mean of the image, so validation is deterministic.
+    ``train=True`` draws a posterior sample of the image or its flip (VAE shards), and flips PNG images
+    half the time when ``image_flip`` is set; ``train=False`` uses the posterior mean of the image (or the
+    image itself), so validation is deterministic.
     """
 
-    def __init__(self, manifest: dict, scale: float, shift: float, train: bool):
+    def __init__(self, manifest: dict, scale: float, shift: float, train: bool, image_flip: bool = False):
         self.format = manifest["format"]
         self.shape = tuple(manifest["latent_shape"])
         self.num_classes = manifest["num_classes"]
-        self.scale, self.shift, self.train = scale, shift, train
+        self.scale, self.shift, self.train, self.image_flip = scale, shift, train, image_flip
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
         key = sample.get("__key__")
@@ -75,6 +77,8 @@ class ToExample:
             raise ValueError(f"sample {key!r} has label {label}, outside [0, {self.num_classes})")
         if self.format == shards.IMAGE:
             latent = image_to_tensor(sample[shards.IMAGE])
+            if self.train and self.image_flip and bool(torch.rand(()) < 0.5):
+                latent = latent.flip(-1)
         else:
             flip = self.train and bool(torch.rand(()) < 0.5)
             moments = torch.from_numpy(sample[shards.LATENT_FLIP if flip else shards.LATENT]).float()
@@ -117,6 +121,8 @@ class ShardDataModule(L.LightningDataModule):
         latent_scale: float = 1.0,
         latent_shift: float = 0.0,
         val_batch_size: int | None = None,
+        val_samples: int | None = None,
+        image_flip: bool = False,
     ):
         """
         Args:
@@ -129,6 +135,10 @@ class ShardDataModule(L.LightningDataModule):
             latent_scale: multiplies VAE latents after the shift (the VAE's scaling factor, e.g. 0.18215).
             latent_shift: subtracted from VAE latents before scaling (the VAE's shift factor).
             val_batch_size: validation samples per batch on each rank (None: batch_size).
+            val_samples: read only the first this many validation samples into memory (None: all; set it
+                for large PNG validation splits, which are held as float tensors).
+            image_flip: PNG shards: flip training images horizontally half the time (ImageNet recipes;
+                leave it off for digits, whose classes are not mirror-symmetric).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +152,8 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.latent_scale = latent_scale
         self.latent_shift = latent_shift
+        self.val_samples = val_samples
+        self.image_flip = image_flip
         self._skipped = multiprocessing.Value("q", 0)
         self._handler = SkipBadSamples(self._skipped)
         self._val_dataset: StackDataset | None = None
@@ -197,7 +209,9 @@ class ShardDataModule(L.LightningDataModule):
                 f"(batch_size {self.batch_size} × world size {world_size})"
             )
         urls = shards.shard_urls(self.root, self.manifest, "train")
-        to_example = ToExample(self.manifest, self.latent_scale, self.latent_shift, train=True)
+        to_example = ToExample(
+            self.manifest, self.latent_scale, self.latent_shift, train=True, image_flip=self.image_flip
+        )
         pipeline = wds.DataPipeline(
             wds.ResampledShards(
                 urls, seed=self.seed, deterministic=True, worker_seed=functools.partial(_shard_seed, rank)
@@ -213,8 +227,8 @@ class ShardDataModule(L.LightningDataModule):
         )
         return loader.with_epoch(batches).with_length(batches, silent=True)
 
-    def _load_split(self, split: str) -> StackDataset:
-        """Read a whole split into memory, in shard order, with the deterministic (validation) transform."""
+    def _load_split(self, split: str, limit: int | None = None) -> StackDataset:
+        """Read a split (its first ``limit`` samples) into memory, in shard order, deterministically."""
         urls = shards.shard_urls(self.root, self.manifest, split)
         to_example = ToExample(self.manifest, self.latent_scale, self.latent_shift, train=False)
         pipeline = wds.DataPipeline(
@@ -223,7 +237,7 @@ class ShardDataModule(L.LightningDataModule):
             self._decode(),
             wds.map(to_example, handler=self._handler),
         )
-        examples = list(pipeline)
+        examples = list(itertools.islice(pipeline, limit))
         if not examples:
             raise ValueError(f"no readable {split!r} samples in {self.root} (see the warnings above)")
         batch = collate(examples)
@@ -233,7 +247,7 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataset(self) -> StackDataset:
         """The validation split in memory (read once): items ``{"latent": [c, h, w], "label": int64}``."""
         if self._val_dataset is None:
-            self._val_dataset = self._load_split("val")
+            self._val_dataset = self._load_split("val", self.val_samples)
         return self._val_dataset
 
     def val_dataloader(self) -> DataLoader:

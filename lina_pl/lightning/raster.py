@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lina_pl.codecs.kmeans import KMeansTokenizer
+from lina_pl.codecs import create_tokenizer
 from lina_pl.lightning.base import GeneratorModule
 from lina_pl.models import create_model
 
@@ -19,7 +19,9 @@ class RasterC2I(GeneratorModule):
     Args:
         model: preset name (``lasad_b``, ``llamagen_l``, ``lasad_tiny``, ...).
         model_overrides: config fields to change (``mixer``, ``sad_mode``, ``sad_position``, dropouts, ...).
-        tokenizer: a k-means tokenizer file (``lina tokenizer fit``) mapping images to codes.
+        tokenizer: ``kmeans`` (``lina tokenizer fit``, no pretrained weights) or ``llamagen_vq`` (VQ-16).
+        tokenizer_options: its options, e.g. ``{path: runs/lasad_demo/tokenizer.npz}`` (see
+            :func:`lina_pl.codecs.create_tokenizer`); images are tokenized on the fly, frozen.
         image_size: (H, W) of the images (linked from the data module).
         image_channels: image channels (linked from the data module).
         num_classes: number of classes (linked from the data module).
@@ -44,7 +46,8 @@ class RasterC2I(GeneratorModule):
         self,
         model: str = "lasad_tiny",
         model_overrides: dict[str, Any] | None = None,
-        tokenizer: str = "runs/tokenizer.npz",
+        tokenizer: str = "kmeans",
+        tokenizer_options: dict[str, Any] | None = None,
         image_size: tuple[int, int] = (16, 16),
         image_channels: int = 1,
         num_classes: int = 10,
@@ -66,7 +69,7 @@ class RasterC2I(GeneratorModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = KMeansTokenizer.load(tokenizer)
+        self.tokenizer = create_tokenizer(tokenizer, **(tokenizer_options or {}))
         if self.tokenizer.channels != image_channels:
             raise ValueError(
                 f"tokenizer expects {self.tokenizer.channels}-channel images, data has {image_channels}"

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from lina_pl.models.lasad import RasterConfig, RasterGenerator
 from lina_pl.models.lina import LinaConfig, LinaGenerator
-from lina_pl.models.raster import RasterConfig, RasterGenerator
 
 _IMAGENET_256 = dict(token_channels=16, grid=(16, 16), cond_grid=(8, 8), num_classes=1000)
 

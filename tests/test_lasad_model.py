@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lina_pl.models import create_model
+from lina_pl.models.lasad import RASTER_MIXERS
 from lina_pl.models.lina import count_parameters
-from lina_pl.models.raster import RASTER_MIXERS
 from lina_pl.nn.optim import parameter_groups
 from lina_pl.sampling import sample_logits
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lina_pl.nn import functional as LF
@@ -24,15 +23,10 @@ from lina_pl.nn.attention import (
     SoftmaxAttention,
     TnlAttention,
 )
+from lina_pl.nn.blocks import PreNormBlock
 from lina_pl.sampling import drop_labels, sample_logits
 
 RASTER_MIXERS = ("lasad", "gla", "tnl", "linear_rope", "softmax", "hybrid")
-
-
-def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
-    """LlamaGen's SwiGLU width: ``int(2·4d/3)`` rounded up to a multiple of 256."""
-    hidden = int(2 * 4 * dim / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @dataclass
@@ -89,78 +83,32 @@ class RasterConfig:
         return self.hybrid_linear if self.mixer == "hybrid" else self.mixer
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-class PreNormBlock(nn.Module):
-    """LlamaGen block: ``h = x + drop(mixer(RMSNorm(x)))``, ``out = h + FFN(RMSNorm(h))``."""
-
-    def __init__(self, cfg: RasterConfig, layer_idx: int):
-        super().__init__()
-        kind = cfg.layer_mixer(layer_idx)
-        self.kind = kind
-        d = cfg.dim
-        if kind == "softmax":
-            self.attn = SoftmaxAttention(
-                d,
-                cfg.heads,
-                causal=True,
-                qkv_bias=False,
-                proj_bias=False,
-                rope="2d",
-                prefix_rope=cfg.prefix_rope,
-            )
-        elif kind == "lasad":
-            self.attn = LasadAttention(
-                d,
-                expand_ratio=cfg.expand_ratio,
-                sad_mode=cfg.sad_mode,
-                sad_position=cfg.sad_position,
-                norm_eps=cfg.norm_eps,
-                backend=cfg.backend,
-            )
-        elif kind == "gla":
-            self.attn = GlaAttention(
-                d,
-                cfg.heads,
-                sad_mode=cfg.sad_mode if cfg.gla_sad else "off",
-                sad_position=cfg.sad_position,
-                backend=cfg.backend,
-            )
-        elif kind == "tnl":
-            self.attn = TnlAttention(
-                d,
-                cfg.heads,
-                layer_idx=layer_idx,
-                num_layers=cfg.depth,
-                decay=cfg.tnl_decay,
-                backend=cfg.backend,
-            )
-        else:
-            self.attn = LinearRopeAttention(d, cfg.heads)
-        self.attention_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.feed_forward = SwiGLU(d, swiglu_hidden(d), cfg.ffn_dropout)
-        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
-
-    def forward(self, x: Tensor, state, position: int, grid_hw, lower_bound: Tensor | None, keep_state: bool):
-        kw = {"lower_bound": lower_bound} if self.kind == "lasad" else {}
-        normed = LF.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
-        if keep_state:  # decoding: recurrent state or KV cache
-            y, state = self.attn.step(normed, state, position, n_cond=1, grid_hw=grid_hw, **kw)
-        else:  # training: the whole sequence from position 0, no cache
-            y = self.attn(normed, n_cond=1, grid_hw=grid_hw, **kw)
-        h = x + self.resid_dropout(y)
-        return h + self.feed_forward(LF.rms_norm(h, self.ffn_norm.weight, self.ffn_norm.eps)), state
+def create_raster_mixer(cfg: RasterConfig, layer_idx: int) -> nn.Module:
+    """The causal token mixer of layer ``layer_idx`` (``hybrid`` mixes softmax and linear layers)."""
+    kind, d = cfg.layer_mixer(layer_idx), cfg.dim
+    if kind == "softmax":
+        return SoftmaxAttention(
+            d, cfg.heads, causal=True, qkv_bias=False, proj_bias=False, rope="2d", prefix_rope=cfg.prefix_rope
+        )
+    if kind == "lasad":
+        return LasadAttention(
+            d,
+            expand_ratio=cfg.expand_ratio,
+            sad_mode=cfg.sad_mode,
+            sad_position=cfg.sad_position,
+            norm_eps=cfg.norm_eps,
+            backend=cfg.backend,
+        )
+    if kind == "gla":
+        sad_mode = cfg.sad_mode if cfg.gla_sad else "off"
+        return GlaAttention(
+            d, cfg.heads, sad_mode=sad_mode, sad_position=cfg.sad_position, backend=cfg.backend
+        )
+    if kind == "tnl":
+        return TnlAttention(
+            d, cfg.heads, layer_idx=layer_idx, num_layers=cfg.depth, decay=cfg.tnl_decay, backend=cfg.backend
+        )
+    return LinearRopeAttention(d, cfg.heads)
 
 
 class RasterGenerator(nn.Module):
@@ -173,10 +121,19 @@ class RasterGenerator(nn.Module):
         self.cls_embedding = nn.Embedding(cfg.num_classes + 1, d)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, d)
         self.token_dropout = nn.Dropout(cfg.token_dropout)
-        self.layers = nn.ModuleList(PreNormBlock(cfg, i) for i in range(cfg.depth))
+        self.layers = nn.ModuleList(
+            PreNormBlock(
+                d,
+                create_raster_mixer(cfg, i),
+                ffn_dropout=cfg.ffn_dropout,
+                resid_dropout=cfg.resid_dropout,
+                norm_eps=cfg.norm_eps,
+            )
+            for i in range(cfg.depth)
+        )
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.output = nn.Linear(d, cfg.vocab_size, bias=False)
-        lasad_layers = [layer.attn for layer in self.layers if layer.kind == "lasad"]
+        lasad_layers = [layer.attn for layer in self.layers if isinstance(layer.attn, LasadAttention)]
         if lasad_layers and cfg.lower_bounds:
             self.lower_bounds = nn.Parameter(torch.zeros(cfg.depth, lasad_layers[0].key_dim))
         else:
@@ -219,8 +176,13 @@ class RasterGenerator(nn.Module):
         states = states or [None] * self.config.depth
         bounds = self._lower_bounds() if bounds is None else bounds
         new_states = []
+        layout = {"n_cond": 1, "grid_hw": self.config.grid}
         for layer, state, bound in zip(self.layers, states, bounds, strict=True):
-            x, state = layer(x, state, position, self.config.grid, bound, keep_state)
+            extra = {} if bound is None else {"lower_bound": bound}
+            if keep_state:  # decoding: recurrent state or KV cache, at absolute positions
+                x, state = layer.step(x, state, position, **layout, **extra)
+            else:  # training: the whole sequence from position 0, no cache
+                x = layer(x, **layout, **extra)
             new_states.append(state)
         return self.output(LF.rms_norm(x, self.norm.weight, self.norm.eps)).float(), new_states
 
