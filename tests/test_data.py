@@ -121,7 +121,26 @@ def test_build_help_describes_the_options(capsys):
         lina(["data", "build", "--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0
-    assert all(opt in text for opt in ("--source", "--vae-path", "--val-fraction", "--overwrite", "ImageNet"))
+    assert all(
+        opt in text
+        for opt in ("--source", "--vae-path", "--tokenizer-path", "--val-fraction", "--overwrite", "ImageNet")
+    )
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--codec", "kmeans"], "--tokenizer-path goes with"),
+        (["--tokenizer-path", "tok.npz"], "--tokenizer-path goes with"),
+        (["--codec", "kmeans", "--vae-path", "vae"], "only used with --codec diffusers"),
+        (["--codec", "llamagen_vq", "--tokenizer-path", "missing.pt"], "VQ checkpoint not found"),
+    ],
+)
+def test_tokenizer_build_options_are_checked(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        lina(["data", "build", "--source", "digits", "--out", str(tmp_path / "out"), *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_manifest_errors_say_what_is_wrong(tmp_path):

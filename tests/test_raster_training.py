@@ -3,6 +3,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import yaml
 from helpers import run_lina as lina
 
 from lina_pl.codecs.kmeans import KMeansTokenizer
+from lina_pl.data.datamodule import ShardDataModule
+from lina_pl.lightning.raster import RasterC2I
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +100,37 @@ def test_lasad_fit_and_sample(trained):
     with np.load(out) as f:
         assert f["arr_0"].shape == (4, 8, 8, 1) and f["arr_0"].dtype == np.uint8
         assert f["labels"].tolist() == [1, 1, 2, 2]
+
+
+def test_code_shards_hold_the_tokenizer_codes_and_train_like_pixels(trained):
+    """``lina data build --codec kmeans``: the codes of every image and of its flip, so training never runs
+    the tokenizer; the loss on a code batch equals the loss on the same images tokenized on the fly."""
+    tmp, _ = trained
+    build = ["data", "build", "--source", "digits", "--out", tmp / "codes", "--resolution", 8]
+    lina(*build, "--codec", "kmeans", "--tokenizer-path", tmp / "tok.npz", cwd=tmp)
+    pixels = ShardDataModule(str(tmp / "shards"), num_workers=0, val_batch_size=500)
+    codes = ShardDataModule(str(tmp / "codes"), num_workers=0, val_batch_size=500, samples_per_epoch=64)
+    manifest = codes.manifest
+    assert manifest["format"] == "codes.npy" and manifest["latent_shape"] == [4, 4]
+    assert manifest["codec"]["name"] == "kmeans" and manifest["codec"]["codebook_size"] == 32
+    tok = KMeansTokenizer.load(tmp / "tok.npz")
+    image_batch, code_batch = next(iter(pixels.val_dataloader())), next(iter(codes.val_dataloader()))
+    assert code_batch["latent"].dtype == torch.int64 and code_batch["latent"].shape[1:] == (4, 4)
+    assert torch.equal(code_batch["label"], image_batch["label"])
+    assert torch.equal(code_batch["latent"].flatten(1), tok.encode(image_batch["latent"]))
+    images = torch.from_numpy(pixels.real_images("train")[0]).permute(0, 3, 1, 2) / 127.5 - 1
+    plain = {tuple(c) for c in tok.encode(images).tolist()}
+    flipped = {tuple(c) for c in tok.encode(images.flip(-1)).tolist()}
+    train = [tuple(c) for c in next(iter(codes.train_dataloader()))["latent"].flatten(1).tolist()]
+    assert all(c in plain | flipped for c in train) and any(c not in plain for c in train)
+
+    module = RasterC2I("lasad_tiny", tokenizer_options={"path": str(tmp / "tok.npz")}, image_size=(8, 8))
+    module.eval()
+    assert torch.allclose(module.loss(code_batch), module.loss(image_batch))
+    module.trainer = SimpleNamespace(datamodule=codes)
+    module.setup("fit")  # same tokenizer: accepted
+    other = KMeansTokenizer(tok.codebook[:16], tok.patch_size, tok.channels).save(tmp / "tok16.npz")
+    mismatched = RasterC2I("lasad_tiny", tokenizer_options={"path": str(other)}, image_size=(8, 8))
+    mismatched.trainer = SimpleNamespace(datamodule=codes)
+    with pytest.raises(ValueError, match="rebuild them with this tokenizer"):
+        mismatched.setup("fit")

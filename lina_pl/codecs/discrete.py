@@ -20,6 +20,10 @@ class DiscreteTokenizer(ABC):
     downsample: int
 
     @abstractmethod
+    def describe(self) -> dict:
+        """What a shard manifest records about this tokenizer (name, file, codebook size, stride)."""
+
+    @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """Images -> codes ``[B, h·w]``."""
 

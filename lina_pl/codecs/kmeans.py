@@ -26,6 +26,7 @@ class KMeansTokenizer(DiscreteTokenizer):
                 f"codebook {tuple(codebook.shape)} does not hold {patch_size}×{patch_size}×{channels} patches"
             )
         self.codebook, self.patch_size, self.channels = codebook.float(), patch_size, channels
+        self.path: str | None = None  # the file it was loaded from, for manifests
 
     @property
     def codebook_size(self) -> int:
@@ -34,6 +35,14 @@ class KMeansTokenizer(DiscreteTokenizer):
     @property
     def downsample(self) -> int:
         return self.patch_size
+
+    def describe(self) -> dict:
+        return {
+            "name": "kmeans",
+            "path": self.path,
+            "codebook_size": self.codebook_size,
+            "downsample": self.downsample,
+        }
 
     def encode(self, images: Tensor) -> Tensor:
         patches = patchify(images.float(), self.patch_size)  # [B, N, p·p·C]
@@ -79,4 +88,6 @@ class KMeansTokenizer(DiscreteTokenizer):
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path} (fit one with `lina tokenizer fit`)")
         with np.load(path) as f:
-            return cls(torch.from_numpy(f["codebook"]), int(f["patch_size"]), int(f["channels"]))
+            tokenizer = cls(torch.from_numpy(f["codebook"]), int(f["patch_size"]), int(f["channels"]))
+        tokenizer.path = str(Path(path).resolve())
+        return tokenizer

@@ -266,6 +266,7 @@ class LlamaGenVQTokenizer(DiscreteTokenizer):
 
     def __init__(self, path: str | Path, l2_norm: bool = True, device: str | torch.device = "cpu"):
         state = load_vq_state(path)
+        self.path = str(Path(path).resolve())
         self.config = VQConfig.from_state_dict(state, l2_norm)
         self.model = VQModel(self.config)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -278,6 +279,11 @@ class LlamaGenVQTokenizer(DiscreteTokenizer):
         self.codebook_size = self.config.codebook_size
         self.channels = self.config.image_channels
         self.downsample = self.config.downsample
+
+    def describe(self) -> dict:
+        return {"name": "llamagen_vq", "path": self.path, "codebook_size": self.codebook_size} | {
+            "downsample": self.downsample
+        }
 
     def _on(self, device: torch.device) -> VQModel:
         if self.model.quant_conv.weight.device != device:

@@ -5,9 +5,10 @@
         --resolution 256 --codec diffusers --vae-path /models/kl16 --batch-size 64
 
 With ``--codec patchify`` the shards hold PNG pixels (the patchify codec needs no encoding); with
-``--codec diffusers`` they hold the VAE's posterior moments of each image and of its flip, so training
-never runs the encoder. The split is a seeded permutation within each class, so it is reproducible and
-every class gets the same validation fraction.
+``--codec diffusers`` they hold the VAE's posterior moments of each image and of its flip, and with
+``--codec llamagen_vq`` or ``kmeans`` the discrete codes of each image and of its flip (raster models;
+LlamaGen pre-extracts VQ-16 codes too), so training never runs the encoder. The split is a seeded
+permutation within each class, so it is reproducible and every class gets the same validation fraction.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lina_pl.codecs import TOKENIZERS, DiscreteTokenizer, create_tokenizer
 from lina_pl.data import shards
 from lina_pl.data.sources import ImageSource, create_source, image_to_tensor
 
@@ -47,15 +49,24 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _latent_samples(source: ImageSource, indices: np.ndarray, codec, mode: str, batch_size: int):
-    """Encode images in batches; each sample keeps the moments of the image and of its horizontal flip."""
+def _encoded_samples(
+    source: ImageSource, indices: np.ndarray, codec, mode: str, batch_size: int, device: str
+) -> Iterator[dict]:
+    """Encode images in batches; each sample keeps the encoding of the image and of its horizontal flip:
+    VAE posterior moments, or the codes ``[h, w]`` of a discrete tokenizer."""
+    discrete = isinstance(codec, DiscreteTokenizer)
     for chunk in _chunks(source.samples(indices), batch_size):
         keys, images, labels = zip(*chunk, strict=True)
-        pixels = torch.stack([image_to_tensor(image.convert(mode)) for image in images])
-        moments = codec.moments(pixels).float().cpu().numpy()
-        flipped = codec.moments(pixels.flip(-1)).float().cpu().numpy()
-        for key, label, m, f in zip(keys, labels, moments, flipped, strict=True):
-            yield shards.latent_sample(key, label, m, f)
+        pixels = torch.stack([image_to_tensor(image.convert(mode)) for image in images]).to(device)
+        pair = []
+        for x in (pixels, pixels.flip(-1)):
+            if discrete:
+                pair.append(codec.encode(x).reshape(len(x), *codec.grid(x.shape[-2:])).cpu().numpy())
+            else:
+                pair.append(codec.moments(x).float().cpu().numpy())
+        make = shards.code_sample if discrete else shards.latent_sample
+        for key, label, plain, flipped in zip(keys, labels, *pair, strict=True):
+            yield make(key, label, plain, flipped)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -83,11 +94,13 @@ def build(
     seed: int = 0,
     batch_size: int = 32,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Write ``source`` split into train/val shards under ``out`` and return the manifest.
 
-    ``codec`` is None for pixel shards or a :class:`~lina_pl.codecs.diffusers_vae.DiffusersVAECodec`.
-    Every argument is checked before ``out`` is touched, so a bad option never costs an old build.
+    ``codec`` is None for pixel shards, a :class:`~lina_pl.codecs.diffusers_vae.DiffusersVAECodec` for
+    latent shards, or a :class:`~lina_pl.codecs.discrete.DiscreteTokenizer` for code shards. Every argument
+    is checked before ``out`` is touched, so a bad option never costs an old build.
     """
     out = Path(out)
     resolution = source.resolution
@@ -96,17 +109,18 @@ def build(
         latent_shape = [source.channels, resolution, resolution]
         codec_info = {"name": "patchify"}
     else:
-        if codec.image_channels not in (1, 3):
-            raise ValueError(
-                f"the VAE takes {codec.image_channels}-channel images; only 1 or 3 are supported"
-            )
+        discrete = isinstance(codec, DiscreteTokenizer)
+        what, channels = ("tokenizer", codec.channels) if discrete else ("VAE", codec.image_channels)
+        if channels not in (1, 3):
+            raise ValueError(f"the {what} takes {channels}-channel images; only 1 or 3 are supported")
         if resolution % codec.downsample:
             raise ValueError(
-                f"--resolution {resolution} is not divisible by the VAE's stride {codec.downsample}"
+                f"--resolution {resolution} is not divisible by the {what}'s stride {codec.downsample}"
             )
-        mode, fmt = ("RGB" if codec.image_channels == 3 else "L"), shards.LATENT
+        mode = "RGB" if channels == 3 else "L"
         side = resolution // codec.downsample
-        latent_shape = [codec.latent_channels, side, side]
+        fmt = shards.CODES if discrete else shards.LATENT
+        latent_shape = [side, side] if discrete else [codec.latent_channels, side, side]
         codec_info = codec.describe()
     splits = split_indices(source.labels, val_fraction, seed)
     _prepare_out_dir(out, overwrite)
@@ -115,7 +129,7 @@ def build(
         if codec is None:
             samples = (shards.image_sample(k, im, y) for k, im, y in source.samples(indices))
         else:
-            samples = _latent_samples(source, indices, codec, mode, batch_size)
+            samples = _encoded_samples(source, indices, codec, mode, batch_size, device)
         progress = tqdm(samples, total=len(indices), desc=f"{split} shards", unit="img")
         shard_files[split] = shards.write_split(out, split, progress, shard_size)
         counts[split] = len(indices)
@@ -161,11 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
     p.add_argument(
         "--codec",
-        choices=["patchify", "diffusers"],
+        choices=["patchify", "diffusers", *TOKENIZERS],
         default="patchify",
-        help="patchify: store PNG pixels; diffusers: store VAE posterior moments (default: patchify)",
+        help="patchify: store PNG pixels; diffusers: store VAE posterior moments; "
+        "kmeans / llamagen_vq: store discrete codes for raster models (default: patchify)",
     )
     p.add_argument("--vae-path", help="local diffusers AutoencoderKL directory (for --codec diffusers)")
+    p.add_argument(
+        "--tokenizer-path",
+        help="tokenizer file: a `lina tokenizer fit` .npz (kmeans) or a LlamaGen VQ checkpoint (llamagen_vq)",
+    )
     p.add_argument(
         "--scaling-factor",
         type=float,
@@ -191,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the train/val split and shard order (default: 0)"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass (default: 32)")
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device for VAE encoding (default: cuda when available, else cpu)",
+        help="device for VAE / tokenizer encoding (default: cuda when available, else cpu)",
     )
     p.add_argument(
         "--overwrite",
@@ -212,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.codec == "diffusers" and not args.vae_path:
             raise ValueError("--codec diffusers needs --vae-path DIR (a local diffusers AutoencoderKL)")
         vae_options = (args.vae_path, args.scaling_factor, args.shift_factor)
-        if args.codec == "patchify" and any(v is not None for v in vae_options):
+        if args.codec != "diffusers" and any(v is not None for v in vae_options):
             raise ValueError(
                 "--vae-path, --scaling-factor and --shift-factor are only used with --codec diffusers"
+            )
+        if (args.codec in TOKENIZERS) != (args.tokenizer_path is not None):
+            raise ValueError(
+                f"--tokenizer-path goes with --codec {' or '.join(TOKENIZERS)}, and they need it"
             )
         if args.root and args.source != "image-folder":
             raise ValueError("--root is only used with --source image-folder")
@@ -231,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 shift_factor=args.shift_factor,
                 device=args.device,
             )
+        elif args.codec in TOKENIZERS:
+            codec = create_tokenizer(args.codec, path=args.tokenizer_path)
         manifest = build(
             source,
             args.out,
@@ -240,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
+            device=args.device,
         )
     except (FileNotFoundError, ValueError) as exn:
         args.command_parser.error(str(exn))

@@ -6,8 +6,9 @@ on the step count. Validation is a small in-memory set split by ``DistributedSam
 batch counts even when the val shards do not divide evenly. A bad sample or a truncated shard is skipped
 with a warning naming it, and counted, instead of ending a long run.
 
-Batches are ``{"latent": float32 [B, c, h, w], "label": int64 [B]}``: pixels in ``[-1, 1]`` for PNG
-shards, or a posterior sample ``(z − latent_shift)·latent_scale`` of the image or its flip for VAE shards.
+Batches are ``{"latent": [B, c, h, w] float32 or [B, h, w] int64, "label": int64 [B]}``: pixels in
+``[-1, 1]`` for PNG shards, a posterior sample ``(z − latent_shift)·latent_scale`` of the image or its flip
+for VAE shards, or the codes of the image or its flip for code shards.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class SkipBadSamples:
 
 
 class ToExample:
-    """Decoded sample -> ``(latent [c, h, w] float32, label)``, checking shape and label against the manifest.
+    """Decoded sample -> ``(latent, label)``, checking shape and label against the manifest.
 
-    ``train=True`` draws a posterior sample of the image or its flip (VAE shards), and flips PNG images
-    half the time when ``image_flip`` is set; ``train=False`` uses the posterior mean of the image (or the
-    image itself), so validation is deterministic.
+    ``train=True`` draws a posterior sample of the image or its flip (VAE shards), picks the codes of the
+    image or its flip (code shards), and flips PNG images half the time when ``image_flip`` is set;
+    ``train=False`` uses the posterior mean, the codes or the pixels of the image itself, so validation is
+    deterministic.
     """
 
     def __init__(self, manifest: dict, scale: float, shift: float, train: bool, image_flip: bool = False):
@@ -68,7 +70,7 @@ class ToExample:
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
         key = sample.get("__key__")
-        fields = [self.format] if self.format == shards.IMAGE else [shards.LATENT, shards.LATENT_FLIP]
+        fields = shards.FORMATS[self.format]
         missing = [f for f in ["cls", *fields] if f not in sample]
         if missing:
             raise ValueError(f"sample {key!r} lacks {', '.join(missing)}")
@@ -79,6 +81,9 @@ class ToExample:
             latent = image_to_tensor(sample[shards.IMAGE])
             if self.train and self.image_flip and bool(torch.rand(()) < 0.5):
                 latent = latent.flip(-1)
+        elif self.format == shards.CODES:  # int64 codes [h, w] of the image or (training) its flip
+            flip = self.train and bool(torch.rand(()) < 0.5)
+            latent = torch.from_numpy(sample[shards.CODES_FLIP if flip else shards.CODES]).long()
         else:
             flip = self.train and bool(torch.rand(()) < 0.5)
             moments = torch.from_numpy(sample[shards.LATENT_FLIP if flip else shards.LATENT]).float()
@@ -267,7 +272,7 @@ class ShardDataModule(L.LightningDataModule):
         """
         if self.format != shards.IMAGE:
             raise ValueError(
-                f"real_images needs image.png shards; {self.root} holds {self.format} (VAE latents)"
+                f"real_images needs image.png shards; {self.root} holds {self.format} (encoded, not pixels)"
             )
         dataset = self.val_dataset if split == "val" else self._load_split(split)
         pixels = dataset.datasets["latent"]

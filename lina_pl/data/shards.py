@@ -1,9 +1,10 @@
 """The on-disk contract between ``lina data build`` and the DataModules: webdataset shards, manifest.json.
 
 A shard directory holds ``{split}-%06d.tar`` files whose samples are ``{"__key__", "cls": int}`` and either
-``"image.png"`` (lossless pixels) or ``"latent.npy"`` + ``"latent_flip.npy"`` (float16 posterior moments,
-mean ‖ logvar, of the image and of its horizontal flip). ``manifest.json`` describes them; it is written
-last and atomically, so a directory with a manifest is always complete.
+``"image.png"`` (lossless pixels), ``"latent.npy"`` + ``"latent_flip.npy"`` (float16 posterior moments,
+mean ‖ logvar, of the image and of its horizontal flip), or ``"codes.npy"`` + ``"codes_flip.npy"`` (int32
+codebook indices ``[h, w]`` of a discrete tokenizer, for raster models). ``manifest.json`` describes
+them; it is written last and atomically, so a directory with a manifest is always complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ MANIFEST = "manifest.json"
 IMAGE = "image.png"
 LATENT = "latent.npy"
 LATENT_FLIP = "latent_flip.npy"
+CODES = "codes.npy"
+CODES_FLIP = "codes_flip.npy"
+#: each format's members, in (image, flip) order
+FORMATS = {IMAGE: (IMAGE,), LATENT: (LATENT, LATENT_FLIP), CODES: (CODES, CODES_FLIP)}
 SPLITS = ("train", "val")
 
 #: keys every manifest must have (see data/README.md for their meaning)
@@ -51,6 +56,16 @@ def latent_sample(key: str, label: int, moments: np.ndarray, moments_flip: np.nd
         "cls": int(label),
         LATENT: moments.astype(np.float16),
         LATENT_FLIP: moments_flip.astype(np.float16),
+    }
+
+
+def code_sample(key: str, label: int, codes: np.ndarray, codes_flip: np.ndarray) -> dict:
+    """A sample storing the codes ``[h, w]`` of the image and of its horizontal flip."""
+    return {
+        "__key__": key,
+        "cls": int(label),
+        CODES: codes.astype(np.int32),
+        CODES_FLIP: codes_flip.astype(np.int32),
     }
 
 
@@ -105,8 +120,8 @@ def load_manifest(root: str | Path) -> dict:
     missing = [k for k in MANIFEST_FIELDS if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by `lina data build`")
-    if manifest["format"] not in (IMAGE, LATENT):
-        raise ValueError(f"{path}: unknown format {manifest['format']!r} (expected {IMAGE} or {LATENT})")
+    if manifest["format"] not in FORMATS:
+        raise ValueError(f"{path}: unknown format {manifest['format']!r} (expected one of {list(FORMATS)})")
     return manifest
 
 

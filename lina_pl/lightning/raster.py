@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lina_pl.codecs import create_tokenizer
+from lina_pl.data.shards import CODES
 from lina_pl.lightning.base import GeneratorModule
 from lina_pl.models import create_model
 
@@ -82,8 +83,23 @@ class RasterC2I(GeneratorModule):
         self.model = create_model(model, **(overrides | (model_overrides or {})))
         self.setup_ema()
 
+    def setup(self, stage: str) -> None:
+        """Code shards must come from this module's tokenizer (same kind, codebook and stride)."""
+        manifest = getattr(getattr(self.trainer, "datamodule", None), "manifest", None)
+        if manifest is None or manifest["format"] != CODES:
+            return
+        keys = ("name", "codebook_size", "downsample")
+        ours, theirs = self.tokenizer.describe(), manifest["codec"]
+        if any(ours[k] != theirs.get(k) for k in keys):
+            raise ValueError(
+                f"the code shards were made by {theirs}, but this module tokenizes with {ours}; "
+                "rebuild them with this tokenizer (lina data build --codec NAME --tokenizer-path FILE)"
+            )
+
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        codes = self.tokenizer.encode(batch["latent"])
+        """Cross-entropy of every next code; PNG batches are tokenized here, code shards arrive as codes."""
+        latent = batch["latent"]
+        codes = self.tokenizer.encode(latent) if latent.is_floating_point() else latent.flatten(1)
         logits = self.model(codes, batch["label"])
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
 
