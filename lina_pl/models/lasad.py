@@ -229,17 +229,17 @@ class RasterGenerator(nn.Module):
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         bounds = self._lower_bounds()
         logits, states = self.step(self.embed(rows, None), None, 0, bounds=bounds)
-        codes = []
+        codes = torch.empty(b, n, dtype=torch.long, device=labels.device)  # one buffer: no per-token tensors
         for i in range(n):
             last = logits[:, -1]
             if guided:
                 cond, uncond = last[:b], last[b:]
                 last = uncond + cfg * (cond - uncond) if (cfg_interval < 0 or i < cfg_interval) else cond
             code = sample_logits(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            codes.append(code)
+            codes[:, i] = code
             if on_token is not None:
                 on_token(i, states)
             if i + 1 < n:
                 inp = torch.cat([code, code]) if guided else code
                 logits, states = self.step(self.embed(None, inp[:, None]), states, i + 1, bounds=bounds)
-        return torch.stack(codes, dim=1)
+        return codes
