@@ -14,14 +14,18 @@ class DiscreteTokenizer(ABC):
     :class:`~lina_pl.codecs.llamagen_vq.LlamaGenVQTokenizer` (LlamaGen's VQ-16 from a local checkpoint).
     """
 
+    #: the ``create_tokenizer`` name, and the file the tokenizer was loaded from (None: built in memory)
+    name: str
+    path: str | None = None
     #: number of codes, image channels, and pixels per token side
     codebook_size: int
     channels: int
     downsample: int
 
-    @abstractmethod
     def describe(self) -> dict:
-        """What a shard manifest records about this tokenizer (name, file, codebook size, stride)."""
+        """What a shard manifest records about this tokenizer (code shards are checked against it)."""
+        keys = ("name", "path", "codebook_size", "downsample")
+        return {k: getattr(self, k) for k in keys}
 
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:

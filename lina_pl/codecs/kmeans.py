@@ -20,13 +20,14 @@ from lina_pl.io import save_npz
 class KMeansTokenizer(DiscreteTokenizer):
     """Images in ``[-1, 1]`` ``[B, C, H, W]`` <-> codes ``[B, (H/p)·(W/p)]`` in raster order."""
 
+    name = "kmeans"
+
     def __init__(self, codebook: Tensor, patch_size: int, channels: int):
         if codebook.dim() != 2 or codebook.shape[1] != patch_size * patch_size * channels:
             raise ValueError(
                 f"codebook {tuple(codebook.shape)} does not hold {patch_size}×{patch_size}×{channels} patches"
             )
         self.codebook, self.patch_size, self.channels = codebook.float(), patch_size, channels
-        self.path: str | None = None  # the file it was loaded from, for manifests
 
     @property
     def codebook_size(self) -> int:
@@ -35,14 +36,6 @@ class KMeansTokenizer(DiscreteTokenizer):
     @property
     def downsample(self) -> int:
         return self.patch_size
-
-    def describe(self) -> dict:
-        return {
-            "name": "kmeans",
-            "path": self.path,
-            "codebook_size": self.codebook_size,
-            "downsample": self.downsample,
-        }
 
     def encode(self, images: Tensor) -> Tensor:
         patches = patchify(images.float(), self.patch_size)  # [B, N, p·p·C]

@@ -264,6 +264,8 @@ class LlamaGenVQTokenizer(DiscreteTokenizer):
         device: where the tokenizer starts; it follows the device of the images it is given.
     """
 
+    name = "llamagen_vq"
+
     def __init__(self, path: str | Path, l2_norm: bool = True, device: str | torch.device = "cpu"):
         state = load_vq_state(path)
         self.path = str(Path(path).resolve())
@@ -279,11 +281,6 @@ class LlamaGenVQTokenizer(DiscreteTokenizer):
         self.codebook_size = self.config.codebook_size
         self.channels = self.config.image_channels
         self.downsample = self.config.downsample
-
-    def describe(self) -> dict:
-        return {"name": "llamagen_vq", "path": self.path, "codebook_size": self.codebook_size} | {
-            "downsample": self.downsample
-        }
 
     def _on(self, device: torch.device) -> VQModel:
         if self.model.quant_conv.weight.device != device:

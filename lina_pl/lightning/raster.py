@@ -22,7 +22,8 @@ class RasterC2I(GeneratorModule):
         model_overrides: config fields to change (``mixer``, ``sad_mode``, ``sad_position``, dropouts, ...).
         tokenizer: ``kmeans`` (``lina tokenizer fit``, no pretrained weights) or ``llamagen_vq`` (VQ-16).
         tokenizer_options: its options, e.g. ``{path: runs/lasad_demo/tokenizer.npz}`` (see
-            :func:`lina_pl.codecs.create_tokenizer`); images are tokenized on the fly, frozen.
+            :func:`lina_pl.codecs.create_tokenizer`). The frozen tokenizer encodes PNG batches on the fly
+            and decodes samples; code shards (``lina data build --codec NAME``) skip the encoding.
         image_size: (H, W) of the images (linked from the data module).
         image_channels: image channels (linked from the data module).
         num_classes: number of classes (linked from the data module).
