@@ -54,19 +54,23 @@ def _encoded_samples(
 ) -> Iterator[dict]:
     """Encode images in batches; each sample keeps the encoding of the image and of its horizontal flip:
     VAE posterior moments, or the codes ``[h, w]`` of a discrete tokenizer."""
-    discrete = isinstance(codec, DiscreteTokenizer)
+    if isinstance(codec, DiscreteTokenizer):
+        make = shards.code_sample
+
+        def encode(x: torch.Tensor) -> np.ndarray:
+            return codec.encode(x).reshape(len(x), *codec.grid(x.shape[-2:])).cpu().numpy()
+    else:
+        make = shards.latent_sample
+
+        def encode(x: torch.Tensor) -> np.ndarray:
+            return codec.moments(x).float().cpu().numpy()
+
     for chunk in _chunks(source.samples(indices), batch_size):
         keys, images, labels = zip(*chunk, strict=True)
         pixels = torch.stack([image_to_tensor(image.convert(mode)) for image in images]).to(device)
-        pair = []
-        for x in (pixels, pixels.flip(-1)):
-            if discrete:
-                pair.append(codec.encode(x).reshape(len(x), *codec.grid(x.shape[-2:])).cpu().numpy())
-            else:
-                pair.append(codec.moments(x).float().cpu().numpy())
-        make = shards.code_sample if discrete else shards.latent_sample
-        for key, label, plain, flipped in zip(keys, labels, *pair, strict=True):
-            yield make(key, label, plain, flipped)
+        plain, flipped = encode(pixels), encode(pixels.flip(-1))
+        for key, label, p, f in zip(keys, labels, plain, flipped, strict=True):
+            yield make(key, label, p, f)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -77,15 +77,14 @@ class ToExample:
         label = int(sample["cls"])
         if not 0 <= label < self.num_classes:
             raise ValueError(f"sample {key!r} has label {label}, outside [0, {self.num_classes})")
+        flip = self.train and bool(torch.rand(()) < 0.5)  # training: the image or its mirror image
         if self.format == shards.IMAGE:
             latent = image_to_tensor(sample[shards.IMAGE])
-            if self.train and self.image_flip and bool(torch.rand(()) < 0.5):
+            if flip and self.image_flip:
                 latent = latent.flip(-1)
-        elif self.format == shards.CODES:  # int64 codes [h, w] of the image or (training) its flip
-            flip = self.train and bool(torch.rand(()) < 0.5)
+        elif self.format == shards.CODES:  # int64 codes [h, w]
             latent = torch.from_numpy(sample[shards.CODES_FLIP if flip else shards.CODES]).long()
         else:
-            flip = self.train and bool(torch.rand(()) < 0.5)
             moments = torch.from_numpy(sample[shards.LATENT_FLIP if flip else shards.LATENT]).float()
             c, h, w = self.shape
             if moments.shape != (2 * c, h, w):
