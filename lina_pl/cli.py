@@ -17,11 +17,12 @@ COMMANDS = {
         "train a model from a config (`lina fit --config configs/c2i/demo.yaml`)",
     ),
     "validate": ("lina_pl.lightning.cli", "run validation from a config and a checkpoint"),
-    "test": ("lina_pl.lightning.cli", "run the test loop"),
-    "predict": ("lina_pl.lightning.cli", "run the predict loop"),
     "tokenizer": ("lina_pl.commands.tokenizer", "fit the k-means patch tokenizer for raster models"),
-    "sample": ("lina_pl.commands.sample", "generate samples.npz (+ PNG grid) from a checkpoint"),
-    "evaluate": ("lina_pl.commands.evaluate", "score samples.npz (class consistency on digits)"),
+    "sample": ("lina_pl.commands.sample", "generate samples.npz (+ PNG grid) for classes or prompts"),
+    "evaluate": (
+        "lina_pl.commands.evaluate",
+        "score samples.npz (class consistency, GenEval on digit scenes)",
+    ),
     "bench": ("lina_pl.bench", "benchmarks that print JSON (e.g. `lina bench attention`)"),
     "data": (
         "lina_pl.data.build",

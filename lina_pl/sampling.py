@@ -20,12 +20,6 @@ def truncated_normal_mask_ratio(shape, low: float, high: float, std: float, devi
     return (high + std * torch.special.ndtri(u)).clamp(low, high).float()
 
 
-def drop_labels(labels: Tensor, probability: float, null_class: int) -> Tensor:
-    """Classifier-free guidance training: replace each label by ``null_class`` with ``probability``."""
-    drop = torch.rand(labels.shape, device=labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
 def cosine_mask_counts(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each of ``steps`` steps: ``m_k = round(cos(π/2 · k/T) · L)``, k = 0..T.
 
@@ -37,6 +31,10 @@ def cosine_mask_counts(num_tokens: int, steps: int) -> list[int]:
     counts = [round(math.cos(math.pi / 2 * k / steps) * num_tokens) for k in range(steps + 1)]
     counts[0], counts[-1] = num_tokens, 0
     return counts
+
+
+#: guidance schedules over the AR steps (see :func:`cfg_scale`)
+CFG_SCHEDULES = ("linear", "constant")
 
 
 def cfg_scale(cfg: float, step: int, steps: int, schedule: str = "linear") -> float:

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from helpers import max_err, rel_rms
 
+from lina_pl import ops
 from lina_pl.nn import LasadAttention
-from lina_pl.nn import functional as LF
+from lina_pl.ops.linear_attention import reference
 
 pytestmark = pytest.mark.gpu
 RATIO = {torch.bfloat16: 0.02}
@@ -25,11 +26,13 @@ def _hgrn2_inputs(b, t, h, dk, dv, dtype, sad):
     """HGRN2-style inputs: q = SiLU, log-decay = logsigmoid with a lower bound, k = 1 − λ."""
     dev = "cuda"
     q = F.silu(torch.randn(b, t, h, dk, device=dev)).to(dtype)
-    g = LF.lower_bounded_log_sigmoid(torch.randn(b, t, h, dk, device=dev), torch.full((dk,), 0.3, device=dev))
+    g = ops.lower_bounded_log_sigmoid(
+        torch.randn(b, t, h, dk, device=dev), torch.full((dk,), 0.3, device=dev)
+    )
     k = (1 - g.exp()).to(dtype)
     v = torch.randn(b, t, h, dv, device=dev).to(dtype)
     if sad:
-        g = LF.spatial_aware_log_decay(g, 16)
+        g = ops.spatial_aware_log_decay(g, 16)
     h0 = torch.randn(b, h, dk, dv, device=dev)
     return [x.requires_grad_() for x in (q, k, v, g, h0)]
 
@@ -44,7 +47,7 @@ def test_gla_kernel_matches_torch_forward_and_backward(dtype, t, sad):
         for x in inputs:
             x.grad = None
         q, k, v, g, h0 = inputs
-        o, ht = LF.gated_linear_attention(
+        o, ht = ops.gated_linear_attention(
             q, k, v, g, initial_state=h0, output_final_state=True, backend=backend
         )
         (o.float().square().sum() + ht.square().sum()).backward()
@@ -57,13 +60,13 @@ def test_gla_kernel_matches_torch_forward_and_backward(dtype, t, sad):
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_prefill_then_recurrent_decode_matches_one_call(dtype):
     q, k, v, g, _ = (x.detach() for x in _hgrn2_inputs(2, 80, 4, 64, 64, dtype, sad=True))
-    full, _ = LF.gated_linear_attention(q, k, v, g, backend="fla")
-    out, state = LF.gated_linear_attention(
+    full, _ = ops.gated_linear_attention(q, k, v, g, backend="fla")
+    out, state = ops.gated_linear_attention(
         q[:, :33], k[:, :33], v[:, :33], g[:, :33], output_final_state=True, backend="fla"
     )
     pieces = [out]
     for i in range(33, 80):  # one token at a time: fused_recurrent_gla
-        o, state = LF.gated_linear_attention(
+        o, state = ops.gated_linear_attention(
             q[:, i : i + 1],
             k[:, i : i + 1],
             v[:, i : i + 1],
@@ -88,21 +91,19 @@ def test_lasad_module_fla_equals_torch():
 
 def test_lina_attention_bf16_16k_tokens_on_gpu():
     q, k, v = (torch.randn(2, 16384, 16, 96, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = LF.linear_attention(q, k, v)
-    ref = LF.linear_attention(q.double(), k.double(), v.double())
+    out = ops.linear_attention(q, k, v)
+    ref = ops.linear_attention(q.double(), k.double(), v.double())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert max_err(out, ref) / ref.abs().max().item() < 2e-2
 
 
 def test_division_backward_on_gpu_matches_float64_autograd():
-    from lina_pl.nn import naive
-
     args = [
         torch.randn(2, 33, 3, 8, device="cuda", dtype=torch.float64, requires_grad=True) for _ in range(3)
     ]
     gate = (torch.rand(1, 33, 3, 1, device="cuda", dtype=torch.float64) + 0.5).requires_grad_()
     grads = []
-    for fn in (LF.linear_attention, naive.linear_attention):
+    for fn in (ops.linear_attention, reference.linear_attention):
         out = fn(*args, key_gate=gate, value_gate=gate)
         grads.append(torch.autograd.grad(out.square().sum(), [*args, gate]))
     for a, b in zip(*grads, strict=True):

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from lina_pl.models import create_model
-from lina_pl.models.lasad import RASTER_MIXERS
-from lina_pl.models.lina import count_parameters
+from lina_pl.models import RasterSampling, count_parameters, create_model
+from lina_pl.models.raster import RASTER_MIXERS
 from lina_pl.nn.optim import parameter_groups
 from lina_pl.sampling import sample_logits
 
@@ -39,17 +38,18 @@ def _tiny(mixer, **kw):
         ("gla", {"gla_sad": True}),
         ("tnl", {"tnl_decay": "alibi"}),
         ("hybrid", {"hybrid_linear": "lasad", "hybrid_softmax_layers": [0]}),
+        ("hybrid", {"hybrid_linear": "lasad"}),  # softmax at layer 1 once received LASAD's lower bound
     ],
 )
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_incremental_decoding_reproduces_the_full_forward(mixer, kw, dtype, atol):
     model = _tiny(mixer, **kw).to(dtype)
     codes, labels = torch.randint(0, 64, (2, 12)), torch.tensor([3, 7])
-    full = model(codes, labels)  # [B, 12, V]: teacher forcing over [cls, x_1 … x_11]
-    logits, states = model.step(model.embed(labels, None), None, 0)
+    full = model.logits(codes, {"label": labels})  # [B, 12, V]: teacher forcing over [cls, x_1 … x_11]
+    logits, states = model.step(model.condition({"label": labels}), None, 0)
     steps = [logits]
     for i in range(11):
-        logits, states = model.step(model.embed(None, codes[:, i : i + 1]), states, i + 1)
+        logits, states = model.step(model.tok_embeddings(codes[:, i : i + 1]), states, i + 1)
         steps.append(logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=atol, rtol=0)
 
@@ -60,11 +60,11 @@ def test_bf16_autocast_tracks_fp32_in_training_and_decoding(mixer):
     stay close to fp32."""
     model = _tiny(mixer).float()
     codes, labels = torch.randint(0, 64, (2, 12)), torch.tensor([3, 7])
-    reference = model(codes, labels)
+    reference = model.logits(codes, {"label": labels})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model(codes, labels)
-        _, states = model.step(model.embed(labels, None), None, 0)
-        logits, states = model.step(model.embed(None, codes[:, :1]), states, 1)
+        mixed = model.logits(codes, {"label": labels})
+        _, states = model.step(model.condition({"label": labels}), None, 0)
+        logits, states = model.step(model.tok_embeddings(codes[:, :1]), states, 1)
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
     rel = (mixed - reference).norm() / reference.norm()
     assert rel < 0.05, f"bf16 autocast drifts {rel:.3f} from fp32"
@@ -88,23 +88,23 @@ def test_sad_mask_lands_on_the_documented_positions_in_training_and_decoding(mon
     monkeypatch.setattr(LF, "spatial_aware_log_decay", spy)
     model = _tiny("lasad")
     codes, labels = torch.randint(0, 64, (1, 12)), torch.tensor([1])
-    model(codes, labels)
+    model.logits(codes, {"label": labels})
     mode["now"] = "decode"
-    logits, states = model.step(model.embed(labels, None), None, 0)
+    logits, states = model.step(model.condition({"label": labels}), None, 0)
     for i in range(11):
-        logits, states = model.step(model.embed(None, codes[:, i : i + 1]), states, i + 1)
+        logits, states = model.step(model.tok_embeddings(codes[:, i : i + 1]), states, i + 1)
     expected = {0, 4, 8}  # width 4, class token at 0: i % w == 0 (row_last)
     assert seen["forward"] == expected and seen["decode"] == expected
 
 
 def test_cfg_one_is_the_conditional_model():
     model = _tiny("lasad")
-    labels = torch.tensor([2, 5])
-    a = model.generate(labels, cfg=1.0, generator=torch.Generator().manual_seed(0))
-    b = model.generate(labels, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    labels = {"label": torch.tensor([2, 5])}
+    a = model.generate(labels, RasterSampling(cfg=1.0), generator=torch.Generator().manual_seed(0))
+    b = model.generate(labels, RasterSampling(cfg=1.0), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (2, 12) and (a >= 0).all() and (a < 64).all()
     # guided decoding at scale 1 through the doubled batch gives the same codes
-    c = model.generate(labels, cfg=1.0 + 1e-12, generator=torch.Generator().manual_seed(0))
+    c = model.generate(labels, RasterSampling(cfg=1.0 + 1e-12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, c)
 
 
@@ -136,4 +136,9 @@ def test_lower_bounds_are_excluded_from_weight_decay_and_head_starts_at_zero():
     with pytest.raises(ValueError, match="mixer"):
         create_model("lasad_tiny", mixer="mamba")
     with pytest.raises(ValueError, match="expected codes"):
-        model(torch.zeros(2, 5, dtype=torch.long), torch.tensor([1, 2]))
+        model.loss({"tokens": torch.zeros(2, 5, dtype=torch.long), "label": torch.tensor([1, 2])})
+    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            RasterSampling(**bad)
+    with pytest.raises(ValueError, match="steps"):
+        RasterSampling.create("raster", steps=8)

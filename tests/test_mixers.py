@@ -13,10 +13,12 @@ from lina_pl.nn import (
     SoftmaxAttention,
     TnlAttention,
     create_mixer,
-    naive,
     parameter_groups,
 )
 from lina_pl.nn.position import apply_rope, rope_2d
+from lina_pl.ops.causal_linear_attention import reference as causal_reference
+from lina_pl.ops.linear_attention import reference as linear_reference
+from lina_pl.ops.softmax_attention import reference as softmax_reference
 
 DIM, HEADS = 32, 4
 
@@ -115,7 +117,9 @@ def _lina_reference(module: LinaAttention, x, n_cond, grid_hw):
     gk = gv = None
     if module.kv_gate is not None:
         gk, gv = module.kv_gate(n_cond, grid_hw)
-    out = naive.linear_attention(q, k, v, normalization=module.normalization, key_gate=gk, value_gate=gv)
+    out = linear_reference.linear_attention(
+        q, k, v, normalization=module.normalization, key_gate=gk, value_gate=gv
+    )
     out = out.reshape(*x.shape)
     if module.conv is not None:
         gh, gw = grid_hw
@@ -189,7 +193,7 @@ def test_softmax_bidirectional_matches_explicit():
     module = SoftmaxAttention(DIM, HEADS).double()
     x = randn(2, 11, DIM)
     q, k, v = (t.reshape(2, 11, HEADS, -1) for t in module.qkv(x).chunk(3, -1))
-    ref = module.proj(naive.softmax_attention(q, k, v).reshape(2, 11, DIM))
+    ref = module.proj(softmax_reference.softmax_attention(q, k, v).reshape(2, 11, DIM))
     assert max_err(module(x), ref) < 1e-12
 
 
@@ -211,7 +215,7 @@ def test_linear_rope_numerator_only():
     q, k, v = (t.reshape(2, 13, HEADS, -1) for t in module.qkv(x).chunk(3, -1))
     fq, fk = F.elu(q) + 1, F.elu(k) + 1
     cos, sin = rope_2d(DIM // HEADS, (3, 4), n_prefix=1, prefix="identity")
-    ref = naive.causal_linear_attention(
+    ref = causal_reference.causal_linear_attention(
         fq, fk, v, q_rotated=apply_rope(fq, cos, sin), k_rotated=apply_rope(fk, cos, sin)
     )
     assert max_err(module(x, grid_hw=(3, 4)), module.proj(ref.reshape(2, 13, DIM))) < 1e-10

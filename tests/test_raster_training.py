@@ -13,7 +13,7 @@ from helpers import run_lina as lina
 
 from lina_pl.codecs.kmeans import KMeansTokenizer
 from lina_pl.data.datamodule import ShardDataModule
-from lina_pl.lightning.raster import RasterC2I
+from lina_pl.lightning import GeneratorModule
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +54,15 @@ def trained(tmp_path_factory):
         5,
         cwd=tmp,
     )
-    config = yaml.safe_load((ROOT / "configs/lasad/demo.yaml").read_text())
-    config["trainer"].update(max_epochs=1, check_val_every_n_epoch=1, log_every_n_steps=1)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp / "runs")
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp / "ckpt")
-    init = config["model"]["init_args"]
-    init.update(tokenizer_options={"path": str(tmp / "tok.npz")}, sample_classes=[0, 1], sample_per_class=1)
-    init["model_overrides"].update(dim=32, depth=2, heads=2, expand_ratio=16)
+    config = yaml.safe_load((ROOT / "configs/raster/demo.yaml").read_text())
+    config["trainer"].update(
+        max_epochs=1, check_val_every_n_epoch=1, log_every_n_steps=1, default_root_dir=str(tmp / "run")
+    )
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c for c in config["trainer"]["callbacks"]}
+    callbacks["SampleGrid"]["init_args"].update(values=[0, 1], per_value=1)
+    model = config["model"]
+    model.update(codec_options={"path": str(tmp / "tok.npz")})
+    model["generator_options"].update(dim=32, depth=2, heads=2, expand_ratio=16)
     config["data"]["init_args"].update(
         root=str(tmp / "shards"), batch_size=16, num_workers=0, samples_per_epoch=48
     )
@@ -76,14 +78,14 @@ def test_tokenizer_command_reports_reconstruction(trained):
 
 def test_lasad_fit_and_sample(trained):
     tmp, _ = trained
-    ckpt = torch.load(tmp / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3 and ckpt["lina_module"] == "lina_pl.lightning.raster.RasterC2I"
+    ckpt = torch.load(tmp / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["lina_pl_format"] == 2
     assert any(k.endswith("lower_bounds") for k in ckpt["state_dict"])
     out = tmp / "s.npz"
     lina(
         "sample",
         "--ckpt",
-        tmp / "ckpt/last.ckpt",
+        tmp / "run/checkpoints/last.ckpt",
         "--classes",
         1,
         2,
@@ -124,13 +126,18 @@ def test_code_shards_hold_the_tokenizer_codes_and_train_like_pixels(trained):
     train = [tuple(c) for c in next(iter(codes.train_dataloader()))["latent"].flatten(1).tolist()]
     assert all(c in plain | flipped for c in train) and any(c not in plain for c in train)
 
-    module = RasterC2I("lasad_tiny", tokenizer_options={"path": str(tmp / "tok.npz")}, image_size=(8, 8))
+    module = GeneratorModule(
+        "lasad_tiny", codec="kmeans", codec_options={"path": str(tmp / "tok.npz")}, image_size=(8, 8)
+    )
+    module.configure_model()
     module.eval()
     assert torch.allclose(module.loss(code_batch), module.loss(image_batch))
     module.trainer = SimpleNamespace(datamodule=codes)
     module.setup("fit")  # same tokenizer: accepted
     other = KMeansTokenizer(tok.codebook[:16], tok.patch_size, tok.channels).save(tmp / "tok16.npz")
-    mismatched = RasterC2I("lasad_tiny", tokenizer_options={"path": str(other)}, image_size=(8, 8))
+    mismatched = GeneratorModule(
+        "lasad_tiny", codec="kmeans", codec_options={"path": str(other)}, image_size=(8, 8)
+    )
     mismatched.trainer = SimpleNamespace(datamodule=codes)
     with pytest.raises(ValueError, match="rebuild them with this tokenizer"):
         mismatched.setup("fit")

@@ -27,11 +27,12 @@ def run(tmp_path_factory):
     config["trainer"].update(
         max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1, default_root_dir=str(tmp / "runs")
     )
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp / "runs")
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp / "ckpt")
-    config["model"]["init_args"].update(
-        model="lina_c2i_tiny", sample_classes=[0, 1], sample_per_class=1, sample_steps=2, sample_flow_steps=2
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c for c in config["trainer"]["callbacks"]}
+    callbacks["SampleGrid"]["init_args"].update(
+        values=[0, 1], per_value=1, options={"steps": 2, "flow_steps": 2}
     )
+    callbacks["Throughput"]["init_args"] = {"window_size": 2}
+    config["model"].update(generator="lina_c2i_tiny")
     config["data"]["init_args"].update(
         root=str(tmp / "shards"), batch_size=16, num_workers=0, samples_per_epoch=64
     )
@@ -42,27 +43,37 @@ def run(tmp_path_factory):
 
 def test_fit_writes_checkpoint_config_and_tensorboard(run):
     tmp, _ = run
-    ckpt = torch.load(tmp / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp / "runs/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8  # 2 epochs × 64 samples / batch 16
-    version = tmp / "runs/demo/version_0"
-    assert (
-        yaml.safe_load((version / "config.yaml").read_text())["model"]["init_args"]["model"]
-        == "lina_c2i_tiny"
+    assert ckpt["ema_state_dict"] and all(
+        f"generator.{k}" in ckpt["state_dict"] for k in ckpt["ema_state_dict"]
     )
+    version = tmp / "runs/tensorboard"
+    assert yaml.safe_load((version / "config.yaml").read_text())["model"]["generator"] == "lina_c2i_tiny"
     hparams = yaml.unsafe_load((version / "hparams.yaml").read_text())
     assert hparams["num_classes"] == 10 and tuple(hparams["image_size"]) == (8, 8)  # linked from the data
     events = EventAccumulator(str(version), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "val/loss", "train/images_per_sec"} <= set(scalars)
+    assert {"train/loss", "train/lr", "val/loss", "train/device/samples_per_sec"} <= set(scalars)
     assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
     assert "samples/grid" in events.Tags()["images"]
 
 
 def test_validate_from_saved_config(run):
     tmp, _ = run
-    config = tmp / "runs/demo/version_0/config.yaml"
-    result = lina("validate", "--config", config, "--ckpt_path", tmp / "ckpt/last.ckpt", cwd=tmp)
+    config = tmp / "runs/tensorboard/config.yaml"
+    ckpt = tmp / "runs/checkpoints/last.ckpt"
+    result = lina(
+        "validate",
+        "--config",
+        config,
+        "--ckpt_path",
+        ckpt,
+        "--trainer.default_root_dir",
+        tmp / "val",
+        cwd=tmp,
+    )
     assert "val/loss" in result.stdout
 
 
@@ -75,10 +86,10 @@ def test_resume_continues_the_step_count(run):
         "--trainer.max_epochs",
         3,
         "--ckpt_path",
-        tmp / "ckpt/last.ckpt",
+        tmp / "runs/checkpoints/last.ckpt",
         cwd=tmp,
     )
-    ckpt = torch.load(tmp / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp / "runs/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 12  # 8 steps restored + 4 more, not a restart
 
 
@@ -88,7 +99,7 @@ def test_sample_and_evaluate(run):
     result = lina(
         "sample",
         "--ckpt",
-        tmp / "ckpt/last.ckpt",
+        tmp / "runs/checkpoints/last.ckpt",
         "--classes",
         0,
         3,
@@ -109,7 +120,9 @@ def test_sample_and_evaluate(run):
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (4, 8, 8, 1)
         assert f["labels"].tolist() == [0, 0, 3, 3]
     assert out.with_suffix(".png").is_file()
-    report = json.loads(lina("evaluate", "--samples", out, "--data", tmp / "shards", cwd=tmp).stdout)
+    report = json.loads(
+        lina("evaluate", "consistency", "--samples", out, "--data", tmp / "shards", cwd=tmp).stdout
+    )
     assert 0.0 <= report["class_consistency"] <= 1.0
     assert report["real_heldout_accuracy"] > 0.9  # the classifier itself works on real digits
 
@@ -121,10 +134,21 @@ def test_sample_rejects_bad_input(run):
         cmd = [str(LINA), "sample", "--ckpt", str(ckpt), "--classes", str(cls), "--out", str(tmp / "x.npz")]
         return subprocess.run(cmd, capture_output=True, text=True)
 
-    bad = sample(tmp / "ckpt/last.ckpt", 42)
-    assert bad.returncode != 0 and "outside" in bad.stderr
+    bad = sample(tmp / "runs/checkpoints/last.ckpt", 42)
+    assert bad.returncode != 0 and "labels must lie in 0..9" in bad.stderr
     missing = sample(tmp / "nope.ckpt", 1)
     assert missing.returncode != 0 and "not found" in missing.stderr
+    # a checkpoint of lina_pl 0.1 (LinaC2I, format 1) fails with a message naming both formats
+    old = tmp / "old.ckpt"
+    torch.save(
+        {"lina_module": "lina_pl.lightning.c2i.LinaC2I", "state_dict": {}, "hyper_parameters": {}}, old
+    )
+    result = sample(old, 1)
+    assert result.returncode != 0 and "checkpoint format 1" in result.stderr and "format 2" in result.stderr
+    # an option the family does not use is refused, naming the flag
+    cmd = [str(LINA), "sample", "--ckpt", str(tmp / "runs/checkpoints/last.ckpt"), "--classes", "1"]
+    top_k = subprocess.run([*cmd, "--top-k", "5"], capture_output=True, text=True)
+    assert top_k.returncode != 0 and "--top-k" in top_k.stderr
 
 
 def test_ddp_two_cpu_processes(run):
@@ -141,12 +165,10 @@ def test_ddp_two_cpu_processes(run):
         2,
         "--trainer.max_epochs",
         1,
-        "--trainer.callbacks.dirpath",
-        tmp / "ddp_ckpt",
-        "--trainer.logger.init_args.name",
-        "ddp",
+        "--trainer.default_root_dir",
+        tmp / "ddp",
         cwd=tmp,
     )
-    ckpt = torch.load(tmp / "ddp_ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp / "ddp/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 64 samples per epoch / (batch 16 × 2 ranks)
     assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "attention": "FLOPs, CPU time and peak memory of LINA attention vs softmax",
     "decode": "per-token decoding latency and memory, LASAD vs softmax + KV cache",
+    "sample": "whole-model FLOPs per image and sampling latency (CPU, or the 1024 px GPU protocol)",
 }
 
 
@@ -16,5 +17,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     )
-    args, rest = parser.parse_known_args(argv)
-    return importlib.import_module(f"lina_pl.bench.{args.name}").main(rest) or 0
+    # parse the name alone, so ``lina bench NAME --help`` reaches the benchmark's own parser
+    args = parser.parse_args(argv[:1])
+    return importlib.import_module(f"lina_pl.bench.{args.name}").main(argv[1:]) or 0

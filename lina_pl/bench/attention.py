@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lina_pl.bench.memory import reset_peak_rss, rss_bytes
-from lina_pl.nn import LinaAttention, SoftmaxAttention
+from lina_pl.nn.attention import create_mixer
 
 TARGETS = {
     "flops_ratio_max": 0.39,
@@ -56,13 +56,10 @@ MATH_SOFTMAX_MAX_TOKENS = 8192
 
 
 def build(variant: str, dim: int, heads: int) -> nn.Module:
-    if variant == "lina":
-        return LinaAttention(dim, heads)
-    if variant in ("softmax", "softmax_math"):
-        return SoftmaxAttention(dim, heads)
+    """A benchmarked module: a registry mixer (``softmax_math``: softmax through the math SDPA kernel)."""
     if variant == "projections":
         return ProjectionsOnly(dim)
-    raise ValueError(f"unknown variant {variant!r}")
+    return create_mixer("softmax" if variant == "softmax_math" else variant, dim, heads)
 
 
 def count_flops(n_cond: int = 1024, grid: int = 64, dim: int = 1536, heads: int = 16) -> dict:
@@ -72,10 +69,10 @@ def count_flops(n_cond: int = 1024, grid: int = 64, dim: int = 1536, heads: int 
     n = n_cond + grid * grid
     results = {}
     with torch.device("meta"):
-        lina = LinaAttention(
-            dim, heads, conv_kernel_size=5, kv_gate="absolute", n_cond=n_cond, grid_hw=(grid, grid)
+        lina = create_mixer(
+            "lina", dim, heads, conv_kernel_size=5, kv_gate="absolute", n_cond=n_cond, grid_hw=(grid, grid)
         )
-        softmax = SoftmaxAttention(dim, heads)
+        softmax = create_mixer("softmax", dim, heads)
         x = torch.empty(1, n, dim)
     for name, module in (("lina_decoder", lina), ("softmax", softmax)):
         counter = FlopCounterMode(display=False)

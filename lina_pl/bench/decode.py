@@ -57,12 +57,12 @@ def measure(mixer: str, tokens: int, batch: int, dim: int, depth: int, heads: in
         expand_ratio=dim // heads,
         vocab_size=vocab,
         grid=(side, side),
-        num_classes=10,
     ).eval()
     with torch.no_grad():
         model.output.weight.normal_(std=0.02)
     labels = torch.arange(batch) % 10
-    model.generate(labels[:1], generator=torch.Generator().manual_seed(0))  # warm-up (kernels, allocator)
+    # warm-up (kernels, allocator)
+    model.generate({"label": labels[:1]}, generator=torch.Generator().manual_seed(0))
     stamps, final = [], {}
 
     def on_token(i, states):
@@ -72,7 +72,7 @@ def measure(mixer: str, tokens: int, batch: int, dim: int, depth: int, heads: in
 
     reset_peak_rss()
     baseline = rss_bytes()
-    model.generate(labels, generator=torch.Generator().manual_seed(0), on_token=on_token)
+    model.generate({"label": labels}, generator=torch.Generator().manual_seed(0), on_token=on_token)
     peak = rss_bytes("VmHWM") - baseline
     tail = stamps[-(tokens // 4) - 1 :]
     ms = 1e3 * (tail[-1] - tail[0]) / (len(tail) - 1)

@@ -1,26 +1,27 @@
-"""Codecs map images to continuous latents and back; tokens are ``p×p`` patches of the latent grid.
-Discrete tokenizers map images to codebook indices (raster AR models).
+"""Codecs map images to generator tokens and back, behind one interface (:class:`TokenCodec`).
 
-``patchify`` needs no weights (pixels are the latent); ``diffusers`` wraps an AutoencoderKL loaded from a
-local directory. Tokenizers: ``kmeans`` (fitted on the shards, ``lina tokenizer fit``) and ``llamagen_vq``
+Continuous codecs (LINA): ``patchify`` needs no weights (pixels are the latent); ``diffusers`` wraps an
+AutoencoderKL loaded from a local directory; tokens are ``p×p`` patches of the latent grid. Discrete
+tokenizers (raster models): ``kmeans`` (fitted on the shards, ``lina tokenizer fit``) and ``llamagen_vq``
 (LlamaGen's VQ-16 from a local checkpoint). All work on float images in ``[-1, 1]``, ``[B, C, H, W]``.
 """
 
 from typing import Any
 
-from lina_pl.codecs.base import Codec, patchify, unpatchify
+from lina_pl.codecs.base import Codec, TokenCodec, patchify, unpatchify
 from lina_pl.codecs.discrete import DiscreteTokenizer
 from lina_pl.codecs.patchify import PatchifyCodec
 
-CODECS = ("patchify", "diffusers")
-TOKENIZERS = ("kmeans", "llamagen_vq")
+CODECS = ("patchify", "diffusers", "kmeans", "llamagen_vq")
 
 
-def create_codec(name: str, **options: Any) -> Codec:
+def create_codec(name: str, **options: Any) -> TokenCodec:
     """Build a codec from plain config values (so checkpoints store a name and options, never weights).
 
     ``patchify``: ``channels``, ``patch_size``. ``diffusers``: ``path`` (a local AutoencoderKL directory),
-    ``patch_size``, ``scaling_factor``, ``shift_factor``, ``device``.
+    ``patch_size``, ``scaling_factor``, ``shift_factor``, ``device``. ``kmeans``: ``path`` (an .npz from
+    ``lina tokenizer fit``). ``llamagen_vq``: ``path`` (a LlamaGen VQ checkpoint such as
+    ``vq_ds16_c2i.pt``), ``l2_norm``, ``device``.
     """
     if name == "patchify":
         return PatchifyCodec(**options)
@@ -28,15 +29,6 @@ def create_codec(name: str, **options: Any) -> Codec:
         from lina_pl.codecs.diffusers_vae import DiffusersVAECodec  # needs the optional diffusers
 
         return DiffusersVAECodec(**options)
-    raise ValueError(f"unknown codec {name!r}; choose from {CODECS}")
-
-
-def create_tokenizer(name: str, **options: Any) -> DiscreteTokenizer:
-    """Build a discrete tokenizer from plain config values (checkpoints store the name and a path).
-
-    ``kmeans``: ``path`` (an .npz from ``lina tokenizer fit``). ``llamagen_vq``: ``path`` (a LlamaGen VQ
-    checkpoint such as ``vq_ds16_c2i.pt``), ``l2_norm``, ``device``.
-    """
     if name == "kmeans":
         from lina_pl.codecs.kmeans import KMeansTokenizer
 
@@ -47,17 +39,16 @@ def create_tokenizer(name: str, **options: Any) -> DiscreteTokenizer:
         from lina_pl.codecs.llamagen_vq import LlamaGenVQTokenizer
 
         return LlamaGenVQTokenizer(**options)
-    raise ValueError(f"unknown tokenizer {name!r}; choose from {TOKENIZERS}")
+    raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}")
 
 
 __all__ = [
     "CODECS",
-    "TOKENIZERS",
     "Codec",
     "DiscreteTokenizer",
     "PatchifyCodec",
+    "TokenCodec",
     "create_codec",
-    "create_tokenizer",
     "patchify",
     "unpatchify",
 ]

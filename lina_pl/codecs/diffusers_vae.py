@@ -36,6 +36,8 @@ class DiffusersVAECodec(Codec):
     MAR's KL-16). ``patch_size`` is 1 for stride-16 VAEs (MAR KL-16) and 2 for stride-8 ones (SD, SDXL).
     """
 
+    name = "diffusers"
+
     def __init__(
         self,
         path: str,
@@ -55,12 +57,16 @@ class DiffusersVAECodec(Codec):
         self.vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True).to(device).eval()
         self.vae.requires_grad_(False)
         config = self.vae.config
-        self.image_channels = config.in_channels
+        self._channels = config.in_channels
         self.latent_channels = config.latent_channels
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self.patch_size = patch_size
         self.scaling_factor = _first_set(scaling_factor, config.get("scaling_factor"), 1.0)
         self.shift_factor = _first_set(shift_factor, config.get("shift_factor"), 0.0)
+
+    @property
+    def channels(self) -> int:
+        return self._channels
 
     @property
     def device(self) -> torch.device:

@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from typing import Any
 
 from torch import Tensor
 
+from lina_pl.codecs.base import TokenCodec
 
-class DiscreteTokenizer(ABC):
+
+class DiscreteTokenizer(TokenCodec):
     """Images ``[B, C, H, W]`` in ``[-1, 1]`` <-> codes ``[B, h·w]`` (int64, raster order) on an ``h×w`` grid.
 
     Implementations: :class:`~lina_pl.codecs.kmeans.KMeansTokenizer` (fitted on the shards, no weights) and
     :class:`~lina_pl.codecs.llamagen_vq.LlamaGenVQTokenizer` (LlamaGen's VQ-16 from a local checkpoint).
     """
 
-    #: the ``create_tokenizer`` name, and the file the tokenizer was loaded from (None: built in memory)
-    name: str
+    kind = "discrete"
+    #: the file the tokenizer was loaded from (None: built in memory)
     path: str | None = None
     #: number of codes, image channels, and pixels per token side
     codebook_size: int
     channels: int
     downsample: int
 
+    @property
+    def stride(self) -> int:
+        return self.downsample
+
     def describe(self) -> dict:
         """What a shard manifest records about this tokenizer (code shards are checked against it)."""
         keys = ("name", "path", "codebook_size", "downsample")
         return {k: getattr(self, k) for k in keys}
+
+    def generator_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.codebook_size}
+
+    def batch_grid(self, latent: Tensor) -> tuple[int, int]:
+        return self.grid(latent.shape[-2:]) if latent.is_floating_point() else tuple(latent.shape[-2:])
+
+    def batch_tokens(self, latent: Tensor) -> Tensor:
+        """PNG batches are tokenized here; code shards already hold the codes ``[B, h, w]``."""
+        return self.encode(latent) if latent.is_floating_point() else latent.flatten(1)
 
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
@@ -35,10 +52,5 @@ class DiscreteTokenizer(ABC):
     def decode(self, codes: Tensor, grid_hw: tuple[int, int]) -> Tensor:
         """Codes ``[B, h·w]`` -> images ``[B, C, h·f, w·f]`` in ``[-1, 1]`` (clamped)."""
 
-    def grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """Token grid of an image size."""
-        h, w = image_hw
-        f = self.downsample
-        if h % f or w % f:
-            raise ValueError(f"image {h}×{w} is not divisible by the tokenizer's downsampling {f}")
-        return h // f, w // f
+    def tokens_to_images(self, tokens: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        return self.decode(tokens, grid_hw)

@@ -1,10 +1,17 @@
 """The on-disk contract between ``lina data build`` and the DataModules: webdataset shards, manifest.json.
 
-A shard directory holds ``{split}-%06d.tar`` files whose samples are ``{"__key__", "cls": int}`` and either
-``"image.png"`` (lossless pixels), ``"latent.npy"`` + ``"latent_flip.npy"`` (float16 posterior moments,
-mean ‖ logvar, of the image and of its horizontal flip), or ``"codes.npy"`` + ``"codes_flip.npy"`` (int32
-codebook indices ``[h, w]`` of a discrete tokenizer, for raster models). ``manifest.json`` describes
-them; it is written last and atomically, so a directory with a manifest is always complete.
+A shard directory holds ``{split}-%06d.tar`` files. Every sample has a ``__key__``, one condition and one
+image encoding:
+
+- condition: ``"cls"`` (class index, class data) or ``"txt"`` (the caption, utf-8, text data), the latter
+  optionally with ``"txt_emb.npy"`` (float16 ``[L, E]`` text-encoder features of the caption's ``L ≤
+  max_length`` real tokens, no padding, so training never runs the encoder);
+- encoding: ``"image.png"`` (lossless pixels), ``"latent.npy"`` + ``"latent_flip.npy"`` (float16 posterior
+  moments, mean ‖ logvar, of the image and of its horizontal flip), or ``"codes.npy"`` + ``"codes_flip.npy"``
+  (int32 codebook indices ``[h, w]`` of a discrete tokenizer, for raster models).
+
+``manifest.json`` describes them; it is written last and atomically, so a directory with a manifest is always
+complete. Images may come in several sizes (aspect buckets); ``resolutions`` lists them all.
 """
 
 from __future__ import annotations
@@ -26,9 +33,14 @@ LATENT = "latent.npy"
 LATENT_FLIP = "latent_flip.npy"
 CODES = "codes.npy"
 CODES_FLIP = "codes_flip.npy"
-#: each format's members, in (image, flip) order
+#: every format's members, in (image, flip) order
 FORMATS = {IMAGE: (IMAGE,), LATENT: (LATENT, LATENT_FLIP), CODES: (CODES, CODES_FLIP)}
 SPLITS = ("train", "val")
+#: condition members: class index, caption, cached caption features
+CLS = "cls"
+TXT = "txt"
+TXT_EMB = "txt_emb.npy"
+CONDITIONS = ("class", "text")
 
 #: keys every manifest must have (see data/README.md for their meaning)
 MANIFEST_FIELDS = (
@@ -42,28 +54,49 @@ MANIFEST_FIELDS = (
     "counts",
     "shards",
 )
+#: keys a build writes beyond ``MANIFEST_FIELDS``; older manifests lack them and read as uniform class data
+CONDITION_FIELDS = ("condition", "text_encoder", "resolutions", "latent_shapes")
+#: what a ``text_encoder`` entry records about the encoder that made ``txt_emb.npy``
+TEXT_ENCODER_FIELDS = ("path", "kind", "max_length", "feature_dim")
 
 
-def image_sample(key: str, image: Image.Image, label: int) -> dict:
+def condition_fields(condition: int | str, text_emb: np.ndarray | None = None) -> dict:
+    """A sample's condition members: ``{"cls": label}`` for an int, ``{"txt": caption}`` for a str, plus
+    ``{"txt_emb.npy": float16 [L, E]}`` when the caption's features are given."""
+    if isinstance(condition, str):
+        fields = {TXT: condition}
+        if text_emb is not None:
+            fields[TXT_EMB] = np.asarray(text_emb, dtype=np.float16)
+        return fields
+    if text_emb is not None:
+        raise ValueError("text features go with a caption, not with a class label")
+    return {CLS: int(condition)}
+
+
+def image_sample(key: str, condition: int | str, image: Image.Image, text_emb=None) -> dict:
     """A sample storing pixels (written as PNG, so nothing is lost)."""
-    return {"__key__": key, "cls": int(label), IMAGE: image}
+    return {"__key__": key, **condition_fields(condition, text_emb), IMAGE: image}
 
 
-def latent_sample(key: str, label: int, moments: np.ndarray, moments_flip: np.ndarray) -> dict:
+def latent_sample(
+    key: str, condition: int | str, moments: np.ndarray, moments_flip: np.ndarray, text_emb=None
+) -> dict:
     """A sample storing the posterior moments ``[2c, h, w]`` of the image and of its horizontal flip."""
     return {
         "__key__": key,
-        "cls": int(label),
+        **condition_fields(condition, text_emb),
         LATENT: moments.astype(np.float16),
         LATENT_FLIP: moments_flip.astype(np.float16),
     }
 
 
-def code_sample(key: str, label: int, codes: np.ndarray, codes_flip: np.ndarray) -> dict:
+def code_sample(
+    key: str, condition: int | str, codes: np.ndarray, codes_flip: np.ndarray, text_emb=None
+) -> dict:
     """A sample storing the codes ``[h, w]`` of the image and of its horizontal flip."""
     return {
         "__key__": key,
-        "cls": int(label),
+        **condition_fields(condition, text_emb),
         CODES: codes.astype(np.int32),
         CODES_FLIP: codes_flip.astype(np.int32),
     }
@@ -89,9 +122,10 @@ def write_split(out_dir: str | Path, split: str, samples: Iterable[dict], shard_
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (temp file in the same directory, then ``os.replace``)."""
-    missing = [k for k in MANIFEST_FIELDS if k not in manifest]
+    missing = [k for k in (*MANIFEST_FIELDS, *CONDITION_FIELDS) if k not in manifest]
     if missing:
         raise ValueError(f"manifest lacks {', '.join(missing)}")
+    check_manifest(manifest, "manifest")
     out_dir = Path(out_dir)
     with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=".manifest-", suffix=".tmp", delete=False) as f:
         json.dump(manifest, f, indent=2)
@@ -122,7 +156,42 @@ def load_manifest(root: str | Path) -> dict:
         raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by `lina data build`")
     if manifest["format"] not in FORMATS:
         raise ValueError(f"{path}: unknown format {manifest['format']!r} (expected one of {list(FORMATS)})")
+    manifest = with_defaults(manifest)
+    check_manifest(manifest, str(path))
     return manifest
+
+
+def with_defaults(manifest: dict) -> dict:
+    """A copy of ``manifest`` with the fields older builds did not write: ``condition`` "class",
+    ``text_encoder`` None, ``resolutions`` ``[resolution]`` and ``latent_shapes`` ``[latent_shape]``."""
+    defaults = {
+        "condition": "class",
+        "text_encoder": None,
+        "resolutions": [manifest.get("resolution")],
+        "latent_shapes": [manifest.get("latent_shape")],
+    }
+    return defaults | manifest
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """Consistency of the condition and size fields (``where`` names the file in the message)."""
+    condition, encoder = manifest["condition"], manifest["text_encoder"]
+    if condition not in CONDITIONS:
+        raise ValueError(f"{where}: unknown condition {condition!r} (expected one of {list(CONDITIONS)})")
+    if condition == "text" and (manifest["num_classes"] != 0 or manifest["class_names"]):
+        raise ValueError(f"{where}: text data must have num_classes 0 and no class_names")
+    if encoder is not None:
+        if condition != "text":
+            raise ValueError(f"{where}: a text_encoder goes with condition 'text', not {condition!r}")
+        missing = [k for k in TEXT_ENCODER_FIELDS if k not in encoder]
+        if missing:
+            raise ValueError(f"{where}: text_encoder lacks {', '.join(missing)}")
+    sizes, shapes = manifest["resolutions"], manifest["latent_shapes"]
+    if len(sizes) != len(shapes) or list(manifest["resolution"]) not in [list(r) for r in sizes]:
+        raise ValueError(
+            f"{where}: resolutions {sizes} and latent_shapes {shapes} must pair up and include "
+            f"resolution {manifest['resolution']}; rebuild the shards"
+        )
 
 
 def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:

@@ -1,6 +1,6 @@
-"""LightningModules (one per generator family) and the LightningCLI entry point."""
+"""The LightningModule (any generator, codec and condition), its callbacks, and the LightningCLI."""
 
-from lina_pl.lightning.c2i import LinaC2I
-from lina_pl.lightning.raster import RasterC2I
+from lina_pl.lightning.callbacks import EMA, SampleGrid, Throughput
+from lina_pl.lightning.module import GeneratorModule
 
-__all__ = ["LinaC2I", "RasterC2I"]
+__all__ = ["EMA", "GeneratorModule", "SampleGrid", "Throughput"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -409,27 +410,48 @@ class LinearRopeAttention(CausalLinearMixer):
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry: mixer names used by configs
+# The one mixer registry: both generator families and the benchmarks build mixers through it
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MixerSpec:
+    """How to build a mixer from ``(dim, num_heads, **options)`` and which sequence models it serves:
+    ``bidirectional`` mixers fit LINA's towers, ``causal`` ones (with ``step``) fit raster models."""
+
+    build: Callable[..., nn.Module]
+    bidirectional: bool
+    causal: bool
+
+
+def _lasad(dim: int, num_heads: int, *, expand_ratio: int | None = None, **options: Any) -> LasadAttention:
+    """LASAD's heads follow its key expansion (Table 1); without one, ``num_heads`` sets it."""
+    return LasadAttention(
+        dim, expand_ratio=dim // num_heads if expand_ratio is None else expand_ratio, **options
+    )
+
+
+MIXERS: dict[str, MixerSpec] = {
+    "lina": MixerSpec(LinaAttention, bidirectional=True, causal=False),
+    "inline": MixerSpec(
+        functools.partial(LinaAttention, normalization="subtraction"), bidirectional=True, causal=False
+    ),
+    "softmax": MixerSpec(SoftmaxAttention, bidirectional=True, causal=True),  # causal=True for raster models
+    "lasad": MixerSpec(_lasad, bidirectional=False, causal=True),
+    "gla": MixerSpec(GlaAttention, bidirectional=False, causal=True),
+    "tnl": MixerSpec(TnlAttention, bidirectional=False, causal=True),
+    "linear_rope": MixerSpec(LinearRopeAttention, bidirectional=False, causal=True),
+}
+MIXER_NAMES = tuple(MIXERS)
+
+
+def mixer_names(*, bidirectional: bool = False, causal: bool = False) -> tuple[str, ...]:
+    """Registry names serving bidirectional (LINA) or causal (raster) sequence models."""
+    return tuple(n for n, s in MIXERS.items() if (bidirectional and s.bidirectional) or (causal and s.causal))
+
+
 def create_mixer(name: str, dim: int, num_heads: int, **options: Any) -> nn.Module:
-    """Build a token mixer by config name: lina, inline, softmax, lasad, gla, tnl, linear_rope."""
-    if name == "lina":
-        return LinaAttention(dim, num_heads, **options)
-    if name == "inline":
-        return LinaAttention(dim, num_heads, normalization="subtraction", **options)
-    if name == "softmax":
-        return SoftmaxAttention(dim, num_heads, **options)
-    if name == "lasad":
-        return LasadAttention(dim, expand_ratio=dim // num_heads, **options)
-    if name == "gla":
-        return GlaAttention(dim, num_heads, **options)
-    if name == "tnl":
-        return TnlAttention(dim, num_heads, **options)
-    if name == "linear_rope":
-        return LinearRopeAttention(dim, num_heads, **options)
-    raise ValueError(f"unknown mixer {name!r}; choose from {MIXER_NAMES}")
-
-
-MIXER_NAMES = ("lina", "inline", "softmax", "lasad", "gla", "tnl", "linear_rope")
+    """Build a token mixer by registry name (``MIXER_NAMES``) with its module options."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; choose from {', '.join(MIXER_NAMES)}")
+    return MIXERS[name].build(dim, num_heads, **options)

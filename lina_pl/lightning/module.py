@@ -1,0 +1,264 @@
+"""One LightningModule for every generator family and condition: a preset, a codec and a condition.
+
+The module only turns batches into tokens (through the codec) and hands them to the generator's
+``loss``; everything else a run needs — EMA, sample grids, throughput — is a callback
+(:mod:`lina_pl.lightning.callbacks`), and the generator itself is built in ``configure_model`` so sharded
+strategies (FSDP2, DeepSpeed stage 3) can build or shard it in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lina_pl.codecs import create_codec
+from lina_pl.data.shards import CODES
+from lina_pl.lightning.init_from import GATE_MODES, source_weights, transfer_weights
+from lina_pl.models import FAMILIES, Generator, SamplingOptions, create_model, preset
+from lina_pl.nn.optim import parameter_groups
+
+LR_SCHEDULES = ("constant", "cosine")
+#: checkpoint entry recording the layout of lina_pl checkpoints; bumped when old ones cannot load
+FORMAT_KEY = "lina_pl_format"
+CHECKPOINT_FORMAT = 2
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0.001, then 1 (``constant``) or a cosine decay to 0 at the end."""
+    if step < warmup_steps:
+        return 0.001 + (1 - 0.001) * step / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+class GeneratorModule(L.LightningModule):
+    """Trains a generator preset on shards with AdamW and a warm-up + constant (or cosine) LR.
+
+    Args:
+        generator: preset name in ``lina_pl.models.PRESETS`` (``lina_c2i_demo``, ``lasad_b``, ...).
+        generator_options: config fields of the preset to change (mixers, depths, mask ratios, ...).
+        codec: images <-> tokens: ``patchify`` / ``diffusers`` (continuous, LINA) or ``kmeans`` /
+            ``llamagen_vq`` (discrete codes, raster models).
+        codec_options: the codec's options, e.g. ``{patch_size: 2}`` or ``{path: /vae, patch_size: 1}``;
+            patchify's ``channels`` defaults to ``image_channels``.
+        condition: the preset's condition (None) or another one by name (``class``).
+        condition_options: options of the condition (e.g. ``{dropout: 0.1}``).
+        image_size: (H, W) of the images (linked from the data module).
+        image_channels: image channels (linked from the data module).
+        num_classes: classes of the data (linked from the data module); sets a class condition's size.
+        sampling: default sampling options of the family (LINA: steps, flow_steps, cfg, cfg_schedule;
+            raster: cfg, cfg_interval, temperature, top_k, top_p) for grids and ``lina sample``.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay; norms, KV gates and HGRN2 bounds are never decayed.
+        betas: AdamW betas.
+        decay_biases: decay 1-D parameters too (LINA's original recipe) or not (LlamaGen's).
+        warmup_steps: linear warm-up from 0.001·lr.
+        lr_schedule: "constant" after warm-up (both papers) or "cosine" to 0 at the last step.
+        init_from: a lina_pl checkpoint whose generator weights (its EMA when it has one) start this fit,
+            e.g. the previous stage of the resolution curriculum; shape-compatible tensors are copied, the
+            rest is listed. A resumed run (``--ckpt_path``) restores its own weights over these.
+        init_gates: KV gates of another resolution: ``resize`` (``grid`` gates are interpolated; absolute
+            gates are reset to 1, as in the original) or ``reset`` (every such gate back to 1).
+    """
+
+    #: FLOPs of one training batch for the Throughput callback's utilisation figure (not measured yet)
+    flops_per_batch: int | None = None
+
+    def __init__(
+        self,
+        generator: str = "lina_c2i_demo",
+        generator_options: dict[str, Any] | None = None,
+        codec: str = "patchify",
+        codec_options: dict[str, Any] | None = None,
+        condition: str | None = None,
+        condition_options: dict[str, Any] | None = None,
+        image_size: tuple[int, int] = (16, 16),
+        image_channels: int = 1,
+        num_classes: int | None = None,
+        sampling: dict[str, Any] | None = None,
+        lr: float = 8e-4,
+        weight_decay: float = 0.02,
+        betas: tuple[float, float] = (0.9, 0.95),
+        decay_biases: bool = True,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        init_from: str | None = None,
+        init_gates: str = "resize",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if init_gates not in GATE_MODES:
+            raise ValueError(f"init_gates must be one of {GATE_MODES}, got {init_gates!r}")
+        spec = preset(generator)
+        family_cls = FAMILIES[spec.family][0]
+        options = dict(codec_options or {})
+        if codec == "patchify":
+            options.setdefault("channels", image_channels)
+        self.codec = create_codec(codec, **options)
+        if self.codec.kind != family_cls.token_kind:
+            raise ValueError(
+                f"{generator} models {family_cls.token_kind} tokens, but the {codec} codec makes "
+                f"{self.codec.kind} ones; choose a {family_cls.token_kind} codec"
+            )
+        if self.codec.channels != image_channels:
+            raise ValueError(
+                f"the {codec} codec takes {self.codec.channels}-channel images, data has {image_channels}"
+            )
+        self.grid = self.codec.grid(tuple(image_size))
+        self.default_sampling = family_cls.Sampling.create(spec.family, **(sampling or {}))
+        with torch.device("meta"):  # every option is checked now, at config time, at no memory cost
+            create_model(generator, **self.generator_kwargs())
+        self.generator: Generator | None = None
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        """Everything ``create_model`` gets: the preset, its overrides, the codec's fields, the condition."""
+        hp = self.hparams
+        kind = hp.condition or preset(hp.generator).condition
+        condition_options = dict(hp.condition_options or {})
+        if kind == "class" and hp.num_classes == 0:
+            raise ValueError(f"{hp.generator} is class-conditioned but the data has captions, not classes")
+        if kind == "class" and hp.num_classes is not None:
+            given = condition_options.setdefault("num_classes", hp.num_classes)
+            if given != hp.num_classes:
+                raise ValueError(
+                    f"condition_options.num_classes={given}, but the data has {hp.num_classes} classes"
+                )
+        fields = {"grid": self.grid, **self.codec.generator_fields()}
+        return dict(
+            fields | (hp.generator_options or {}), condition=hp.condition, condition_options=condition_options
+        )
+
+    def configure_model(self) -> None:
+        """Build the generator (once; Lightning calls this again when a checkpoint is loaded into a fit),
+        and warm-start it from ``init_from`` when a fit begins."""
+        if self.generator is not None:
+            return
+        self.generator = create_model(self.hparams.generator, **self.generator_kwargs())
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.hparams.init_from and fitting:
+            source = source_weights(self.hparams.init_from)
+            report = transfer_weights(self.generator, source, self.hparams.init_gates)
+            changed = {k: v for k, v in report.items() if k != "copied" and v}
+            rank_zero_info(
+                f"init_from {self.hparams.init_from}: copied {len(report['copied'])} tensors"
+                + "".join(f"; {k} {len(v)}: {', '.join(v)}" for k, v in changed.items())
+            )
+
+    @property
+    def condition(self):
+        return self.generator.condition
+
+    # ---------------------------------------------------------------------------------------------
+    # training
+    # ---------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Code shards must come from this module's tokenizer (same kind, codebook and stride)."""
+        manifest = getattr(getattr(self.trainer, "datamodule", None), "manifest", None)
+        if manifest is None or manifest["format"] != CODES:
+            return
+        if self.codec.kind != "discrete":
+            raise ValueError(
+                "these are code shards (codes.npy) for raster models; LINA needs pixel or latent shards"
+            )
+        keys = ("name", "codebook_size", "downsample")
+        ours, theirs = self.codec.describe(), manifest["codec"]
+        if any(ours[k] != theirs.get(k) for k in keys):
+            raise ValueError(
+                f"the code shards were made by {theirs}, but this module tokenizes with {ours}; "
+                "rebuild them with this tokenizer (lina data build --codec NAME --tokenizer-path FILE)"
+            )
+
+    def generator_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A data batch with its ``latent`` turned into the generator's ``tokens`` and their ``grid``."""
+        latent = batch["latent"]
+        return {**batch, "tokens": self.codec.batch_tokens(latent), "grid": self.codec.batch_grid(latent)}
+
+    def loss(self, batch: Mapping[str, Any]) -> Tensor:
+        return self.generator.loss(self.generator_batch(batch))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        skipped = getattr(self.trainer.datamodule, "skipped_samples", None)
+        if skipped is not None:
+            self.log("data/skipped_samples", float(skipped))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self.log("val/loss", self.loss(batch), sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = parameter_groups(self.generator, hp.weight_decay, decay_1d=hp.decay_biases)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, hp.lr_schedule, total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------
+    # sampling
+    # ---------------------------------------------------------------------------------------------
+
+    def sampling_options(self, **overrides: Any) -> SamplingOptions:
+        """The module's default sampling options with ``overrides`` (a name the family lacks is an error)."""
+        defaults = {f: getattr(self.default_sampling, f) for f in self.default_sampling.names()}
+        return type(self.default_sampling).create(self.generator.family, **(defaults | overrides))
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        condition: Mapping[str, Any],
+        options: SamplingOptions | None = None,
+        *,
+        seed: int = 0,
+        image_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Images ``[N, C, H, W]`` in ``[-1, 1]`` for a batch of condition fields, at ``image_size`` (None:
+        the training size), with the generator's current weights (the EMA callback swaps the EMA weights
+        in for validation; ``lina sample`` loads them)."""
+        grid = self.grid if image_size is None else self.codec.grid(tuple(image_size))
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            options = options or self.default_sampling
+            tokens = self.generator.generate(condition, options, generator=generator, grid=grid)
+            return self.codec.tokens_to_images(tokens, grid)
+        finally:
+            self.generator.train(was_training)
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_format(checkpoint)
+
+
+def check_format(checkpoint: Mapping[str, Any], path: str = "the checkpoint") -> None:
+    """Refuse checkpoints of another layout with a message naming both versions."""
+    version = checkpoint.get(FORMAT_KEY, 1 if "lina_module" in checkpoint else None)
+    if version is None:
+        raise ValueError(f"{path} was not written by lina_pl (no {FORMAT_KEY!r} entry)")
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} has lina_pl checkpoint format {version} (written by lina_pl 0.1, LinaC2I/RasterC2I); "
+            f"this lina_pl reads format {CHECKPOINT_FORMAT} (GeneratorModule) — retrain it with this version"
+        )
