@@ -26,7 +26,7 @@ COMMANDS = {
     "bench": ("lina_pl.bench", "benchmarks that print JSON (e.g. `lina bench attention`)"),
     "data": (
         "lina_pl.data.build",
-        "build webdataset shards from digits or an image folder (`lina data build --help`)",
+        "build webdataset shards: digits, digit scenes, image folders (`lina data build --help`)",
     ),
 }
 

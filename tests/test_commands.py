@@ -58,6 +58,7 @@ def test_make_prompts_writes_a_balanced_file(capsys, tmp_path):
     tasks = [digit_scenes.parse_caption(p).task for p in prompts]
     assert all(tasks.count(task) == 2 for task in digit_scenes.TASKS)
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary file left behind
+    assert out.stat().st_mode & 0o777 == 0o644  # not the temporary file's private mode
 
 
 def test_evaluate_help_lists_the_subcommands(capsys):

@@ -189,7 +189,7 @@ class GeneratorModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["latent"]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None)
         if skipped is not None:
@@ -197,7 +197,7 @@ class GeneratorModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self.loss(batch), sync_dist=True)
+        self.log("val/loss", self.loss(batch), sync_dist=True, batch_size=len(batch["latent"]))
 
     def configure_optimizers(self):
         hp = self.hparams
