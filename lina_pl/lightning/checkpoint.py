@@ -20,7 +20,11 @@ def load_module(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     check_format(checkpoint, str(path))
-    module = GeneratorModule.load_from_checkpoint(path, map_location="cpu")
+    # built from the dict already in memory: Lightning's load_from_checkpoint would read the file again
+    arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    module = GeneratorModule(**arguments)
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
     ema = checkpoint.get(EMA_KEY)
     if use_ema and ema is not None:
         missing, unexpected = module.generator.load_state_dict(ema, strict=False)
