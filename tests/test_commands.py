@@ -4,9 +4,9 @@ one-line errors for bad inputs."""
 
 import json
 
-import lightning as L
 import numpy as np
 import pytest
+from helpers import save_untrained
 from PIL import Image
 
 from lina_pl.cli import main as lina
@@ -106,20 +106,6 @@ def test_bad_samples_files_are_one_line_errors(capsys, tmp_path, real_scenes):
 
 
 # -- sample from a text-conditioned checkpoint ---------------------------------------------------------
-
-
-def save_untrained(path, **options):
-    """Write a real Lightning checkpoint of a freshly built (untrained) ``GeneratorModule``."""
-    from lina_pl.lightning import GeneratorModule
-
-    module = GeneratorModule(**options)
-    module.configure_model()
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=path.parent
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,9 @@ def composed_files(path: Path) -> list[Path]:
     return [ROOT / arg for arg in args[1::2]]
 
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/trainer/ holds strategies, composed with any run as a further --config (tested below)
+STRATEGIES = sorted((ROOT / "configs/trainer").glob("*.yaml"))
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(STRATEGIES))
 COMPOSED = {path: composed_files(path) for path in CONFIGS}
 BASES = {base for files in COMPOSED.values() for base in files[:-1]}
 # every config that is a run (alone or composed), by name: "c2i/demo", "raster/lasad_b", ...
@@ -234,6 +236,18 @@ def composed(stand_ins, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 # every config
 # ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", STRATEGIES, ids=lambda p: p.stem)
+def test_strategy_configs_compose_with_a_run(path, stand_ins, tmp_path):
+    """Each strategy file parses on top of a run and sets the strategy (2-process fits of ddp and fsdp2
+    run in test_training_cli.py; DeepSpeed needs CUDA)."""
+    cli = instantiate(localize("c2i/demo", stand_ins, tmp_path) + ["--config", str(path)])
+    strategy = cli.trainer.strategy
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    expected = {"single": "auto", "ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}
+    assert name == expected.get(path.stem, path.stem)
+    assert cli.model.hparams.generator == "lina_c2i_demo"  # the run's model is untouched
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

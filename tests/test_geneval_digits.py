@@ -47,6 +47,25 @@ def test_shuffled_captions_score_near_chance(eval_scenes):
     assert gd.score(images, shuffled)["overall"] < 0.4
 
 
+def test_noise_is_not_an_object(eval_scenes):
+    """Noise bright enough to occupy every cell is no digit: without the distance check, a noise cell was
+    classified as some digit and "a 7" was met by chance about 1/3 of the time."""
+    _, captions = eval_scenes
+    rng = np.random.default_rng(0)
+    untrained = np.clip(rng.normal(-0.6, 0.5, (N_EVAL, 32, 32, 3)), -1, 1)  # an untrained generator's output
+    blobs = rng.random((N_EVAL, 8, 8, 3)).repeat(4, axis=1).repeat(4, axis=2) * 2 - 1  # 4×4-pixel blobs
+    for noise in (untrained, blobs):
+        images = ((noise + 1) * 127.5).astype(np.uint8)
+        assert sum(map(len, gd.detect(images))) <= 0.01 * 4 * N_EVAL
+        assert gd.score(images, captions)["overall"] == 0.0
+
+
+def test_real_digits_lie_within_the_distance_of_a_train_digit():
+    held_out, _ = ds.digit_arrays("eval")
+    distance = gd.train_digits().kneighbors(gd._normalise(held_out))[0][:, 0]
+    assert distance.max() <= gd.MAX_DIGIT_DISTANCE
+
+
 def test_detect_finds_the_rendered_objects():
     rng = np.random.default_rng(3)
     pool = ds.digit_pool("eval")

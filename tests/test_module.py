@@ -71,7 +71,7 @@ def test_bf16_mixed_training_with_clipping_updates_weights_and_a_fp32_ema(shards
 def test_ema_update_is_a_lerp_every_n_steps():
     module = _module()
     ema = EMA(decay=0.9, every_n_steps=2)
-    ema.on_fit_start(None, module)
+    ema.on_train_start(None, module)
     old = {n: w.clone() for n, w in ema.weights.items()}
     with torch.no_grad():
         for p in module.generator.parameters():
@@ -89,7 +89,7 @@ def test_ema_update_is_a_lerp_every_n_steps():
 def test_validation_and_sampling_use_the_ema_weights():
     module = _module()
     ema = EMA(decay=0.9)
-    ema.on_fit_start(None, module)
+    ema.on_train_start(None, module)
     with torch.no_grad():
         for name, w in ema.weights.items():
             if name.startswith("head."):

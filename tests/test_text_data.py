@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import fake_trainer, tar_samples
+from test_data import fake_trainer, npy, take, tar_samples
 
 from lina_pl.cli import main as lina
 from lina_pl.data.build import CaptionFeatures
-from lina_pl.data.datamodule import ShardDataModule, ToExample
+from lina_pl.data.datamodule import ShardDataModule
 from lina_pl.data.digit_scenes import make_prompts, scenes
+from lina_pl.data.reader import Examples
 from lina_pl.data.shards import load_manifest
 from lina_pl.data.sources import center_crop_resize, closest_size
 from lina_pl.text.encoder import MINILM_ALIAS, TextEncoder
@@ -182,12 +183,13 @@ def test_stored_flips_are_off_for_text_data_by_default(condition, image_flip, ex
     manifest = {"format": "codes.npy", "latent_shape": [1, 1], "condition": condition, "num_classes": 2}
     sample = {
         "__key__": "k",
-        "codes.npy": np.zeros((1, 1), np.int32),
-        "codes_flip.npy": np.ones((1, 1), np.int32),
+        "codes.npy": npy(np.zeros((1, 1), np.int32)),
+        "codes_flip.npy": npy(np.ones((1, 1), np.int32)),
     }
-    sample |= {"cls": 1} if condition == "class" else {"txt": "a 1 to the left of a 9"}
-    to_example = ToExample(manifest, 1.0, 0.0, train=True, image_flip=image_flip)
-    assert {int(to_example(sample)["latent"]) for _ in range(32)} == expected
+    sample |= {"cls": b"1"} if condition == "class" else {"txt": b"a 1 to the left of a 9"}
+    examples = Examples(manifest, image_flip=image_flip)
+    batch = examples.batch([examples.check(sample)] * 32, torch.Generator().manual_seed(0))
+    assert set(batch["latent"].flatten().tolist()) == expected
 
 
 # ----------------------------------------------------------------------------- captioned folder, buckets
@@ -261,6 +263,23 @@ def test_mixed_size_folder_gives_batches_of_one_size(captioned_folder, tmp_path)
     assert sorted(c for b in single.val_dataloader() for c in b["text"]) == sorted(val_captions)
     with pytest.raises(ValueError, match="one size"):
         single.real_images("train")
+
+
+def test_a_resumed_bucketed_stream_continues_with_the_uninterrupted_batches(captioned_folder, tmp_path):
+    """Aspect buckets: the pending list of each size is rebuilt on resume (groups of 1-2 shards)."""
+    out = tmp_path / "shards"
+    assert build_folder(captioned_folder, out) == 0
+    options = dict(batch_size=2, num_workers=0, samples_per_epoch=10, shuffle_buffer=6)
+    full = take(ShardDataModule(str(out), **options).train_dataloader(), 30)
+    for k in (3, 11, 17):
+        data = ShardDataModule(str(out), **options)
+        take(data.train_dataloader(), k)
+        resumed = ShardDataModule(str(out), **options)
+        resumed.load_state_dict(data.state_dict())
+        rest = take(resumed.train_dataloader(), 30 - k)
+        assert [b["text"] for b in rest] == [b["text"] for b in full[k:]], f"resumed after {k}"
+        assert all(torch.equal(a["latent"], b["latent"]) for a, b in zip(rest, full[k:], strict=True))
+    assert {tuple(b["latent"].shape) for b in full} == {(2, 3, 16, 24), (2, 3, 16, 16)}
 
 
 def test_validation_buckets_split_evenly_over_ranks(captioned_folder, tmp_path):

@@ -3,6 +3,7 @@ sample to npz, evaluate; TensorBoard gets scalars and a sample grid. The demo co
 shrunk (tiny model, 8×8 digits, a few steps, no workers)."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import yaml
 from helpers import LINA
 from helpers import run_lina as lina
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lina_pl.lightning.consolidate import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,7 @@ def run(tmp_path_factory):
         values=[0, 1], per_value=1, options={"steps": 2, "flow_steps": 2}
     )
     callbacks["Throughput"]["init_args"] = {"window_size": 2}
+    callbacks["Evaluation"]["init_args"].update(num_samples=20, options={"steps": 2, "flow_steps": 2})
     config["model"].update(generator="lina_c2i_tiny")
     config["data"]["init_args"].update(
         root=str(tmp / "shards"), batch_size=16, num_workers=0, samples_per_epoch=64
@@ -77,7 +81,15 @@ def test_validate_from_saved_config(run):
     assert "val/loss" in result.stdout
 
 
-def test_resume_continues_the_step_count(run):
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(run):
+    """8 steps, then --ckpt_path to 12: the same losses, weights and EMA as 12 steps in one go (data position,
+    mask and noise draws, LR schedule and EMA all continue where they stopped)."""
     tmp, _ = run
     lina(
         "fit",
@@ -85,12 +97,34 @@ def test_resume_continues_the_step_count(run):
         tmp / "config.yaml",
         "--trainer.max_epochs",
         3,
-        "--ckpt_path",
-        tmp / "runs/checkpoints/last.ckpt",
+        "--trainer.default_root_dir",
+        tmp / "whole",
         cwd=tmp,
     )
-    ckpt = torch.load(tmp / "runs/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 12  # 8 steps restored + 4 more, not a restart
+    resumed = tmp / "resumed"
+    shutil.copytree(tmp / "runs", resumed)
+    lina(
+        "fit",
+        "--config",
+        tmp / "config.yaml",
+        "--trainer.max_epochs",
+        3,
+        "--trainer.default_root_dir",
+        resumed,
+        "--ckpt_path",
+        resumed / "checkpoints/last.ckpt",
+        cwd=tmp,
+    )
+    whole_losses, resumed_losses = scalars(tmp / "whole", "train/loss"), scalars(resumed, "train/loss")
+    assert sorted(resumed_losses) == sorted(whole_losses) and max(whole_losses) >= 11  # steps 0..11
+    assert resumed_losses == whole_losses
+    a, b = (
+        torch.load(d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        for d in (tmp / "whole", resumed)
+    )
+    assert a["global_step"] == b["global_step"] == 12
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_sample_and_evaluate(run):
@@ -151,24 +185,49 @@ def test_sample_rejects_bad_input(run):
     assert top_k.returncode != 0 and "--top-k" in top_k.stderr
 
 
-def test_ddp_two_cpu_processes(run):
-    """2-process DDP (gloo): both ranks run the same number of steps on their own shard streams, the val
-    set is split by a DistributedSampler, and nothing hangs."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_shipped_strategy_configs_fit_on_two_cpu_processes(run, strategy):
+    """configs/trainer/{ddp,fsdp2}.yaml composed with the demo on 2 CPU processes (gloo): both ranks run the
+    same number of steps on their own shard streams, the val set is split over ranks, the EMA and the sample
+    grid work under the strategy, nothing hangs, and ``lina sample`` reads the (sharded) checkpoint."""
     tmp, _ = run
+    out = tmp / strategy
     result = lina(
         "fit",
         "--config",
         tmp / "config.yaml",
-        "--trainer.strategy",
-        "ddp",
+        "--config",
+        ROOT / f"configs/trainer/{strategy}.yaml",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
         "--trainer.devices",
         2,
         "--trainer.max_epochs",
         1,
         "--trainer.default_root_dir",
-        tmp / "ddp",
+        out,
+        *(["--model.fsdp_param_dtype", "null"] if strategy == "fsdp2" else []),  # CPUs lack fast bf16
         cwd=tmp,
     )
-    ckpt = torch.load(tmp / "ddp/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2  # 64 samples per epoch / (batch 16 × 2 ranks)
     assert "Traceback" not in result.stderr
+    last = out / "checkpoints/last.ckpt"
+    assert last.is_dir() == (strategy == "fsdp2")  # FSDP2 writes one shard per rank into a directory
+    assert read_checkpoint(last)["global_step"] == 2  # 64 samples per epoch / (batch 16 × 2 ranks)
+    lina(
+        "sample",
+        "--ckpt",
+        last,
+        "--classes",
+        0,
+        1,
+        "--per-class",
+        1,
+        "--steps",
+        2,
+        "--out",
+        out / "s.npz",
+        cwd=tmp,
+    )
+    assert np.load(out / "s.npz")["arr_0"].shape == (2, 8, 8, 1)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
+
+from lina_pl.errors import ArgumentParser
 
 BENCHMARKS = {
     "attention": "FLOPs, CPU time and peak memory of LINA attention vs softmax",
     "decode": "per-token decoding latency and memory, LASAD vs softmax + KV cache",
     "sample": "whole-model FLOPs per image and sampling latency (CPU, or the 1024 px GPU protocol)",
+    "data": "training-loader samples/s on KL-16 latent shards, with a per-sample cost breakdown",
 }
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lina bench", description="Run a benchmark; it prints JSON.")
+    parser = ArgumentParser(prog="lina bench", description="Run a benchmark; it prints JSON.")
     parser.add_argument(
         "name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     )

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lina_pl.bench.memory import reset_peak_rss, rss_bytes
+from lina_pl.errors import ArgumentParser
 from lina_pl.nn.attention import create_mixer
 
 TARGETS = {
@@ -214,7 +215,7 @@ def run_timings(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lina bench attention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])

@@ -21,6 +21,7 @@ import time
 import torch
 
 from lina_pl.bench.memory import reset_peak_rss, rss_bytes
+from lina_pl.errors import ArgumentParser
 from lina_pl.models import create_model
 
 TARGETS = {
@@ -95,7 +96,7 @@ def _worker(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lina bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])

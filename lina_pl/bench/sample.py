@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lina_pl.errors import ArgumentParser
 from lina_pl.models import create_model
 from lina_pl.models.lina import LinaGenerator, LinaSampling
 
@@ -371,7 +372,7 @@ def latency_report(base: dict, token_grids: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lina bench sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(

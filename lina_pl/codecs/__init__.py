@@ -20,8 +20,8 @@ def create_codec(name: str, **options: Any) -> TokenCodec:
 
     ``patchify``: ``channels``, ``patch_size``. ``diffusers``: ``path`` (a local AutoencoderKL directory),
     ``patch_size``, ``scaling_factor``, ``shift_factor``, ``device``. ``kmeans``: ``path`` (an .npz from
-    ``lina tokenizer fit``). ``llamagen_vq``: ``path`` (a LlamaGen VQ checkpoint such as
-    ``vq_ds16_c2i.pt``), ``l2_norm``, ``device``.
+    ``lina tokenizer fit``), or ``codebook``, ``patch_size``, ``channels`` (what a checkpoint keeps of it).
+    ``llamagen_vq``: ``path`` (a LlamaGen VQ checkpoint such as ``vq_ds16_c2i.pt``), ``l2_norm``, ``device``.
     """
     if name == "patchify":
         return PatchifyCodec(**options)
@@ -32,6 +32,8 @@ def create_codec(name: str, **options: Any) -> TokenCodec:
     if name == "kmeans":
         from lina_pl.codecs.kmeans import KMeansTokenizer
 
+        if set(options) == {"codebook", "patch_size", "channels"}:
+            return KMeansTokenizer(**options)
         if set(options) != {"path"}:
             raise ValueError(f"the kmeans tokenizer takes exactly one option, path; got {sorted(options)}")
         return KMeansTokenizer.load(options["path"])

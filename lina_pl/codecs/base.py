@@ -17,6 +17,8 @@ def patchify(latent: Tensor, patch_size: int) -> Tensor:
     """``[B, C, H, W]`` -> ``[B, (H/p)·(W/p), p·p·C]`` tokens in raster order (channels last in a token)."""
     b, c, h, w = latent.shape
     p = patch_size
+    if p < 1:
+        raise ValueError(f"the patch size must be ≥ 1, got {p}")
     if h % p or w % p:
         raise ValueError(f"latent {h}×{w} is not divisible by the patch size {p}")
     x = latent.reshape(b, c, h // p, p, w // p, p)
@@ -72,6 +74,12 @@ class TokenCodec(ABC):
     @abstractmethod
     def generator_fields(self) -> dict[str, Any]:
         """Generator config fields this codec fixes (token channels or vocabulary size)."""
+
+    def embedded_options(self) -> dict[str, Any] | None:
+        """``create_codec`` options that rebuild this codec without its file, small enough to keep in every
+        checkpoint (so sampling needs no tokenizer file beside it). None: weight-free, or too large (a VAE, a
+        VQ model: loaded from their path)."""
+        return None
 
 
 class Codec(TokenCodec):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lina_pl.codecs.base import TokenCodec
@@ -30,9 +32,17 @@ class DiscreteTokenizer(TokenCodec):
         return self.downsample
 
     def describe(self) -> dict:
-        """What a shard manifest records about this tokenizer (code shards are checked against it)."""
+        """What a shard manifest records about this tokenizer (code shards are checked against it); the
+        codebook's hash tells apart two tokenizers of one name and size, e.g. two k-means fits."""
         keys = ("name", "path", "codebook_size", "downsample")
-        return {k: getattr(self, k) for k in keys}
+        vectors = self.code_vectors().detach().to("cpu", torch.float32).contiguous()
+        return {k: getattr(self, k) for k in keys} | {
+            "codebook_sha256": hashlib.sha256(vectors.numpy().tobytes()).hexdigest()
+        }
+
+    @abstractmethod
+    def code_vectors(self) -> Tensor:
+        """The codebook ``[codebook_size, d]``."""
 
     def generator_fields(self) -> dict[str, Any]:
         return {"vocab_size": self.codebook_size}

@@ -23,6 +23,7 @@ class KMeansTokenizer(DiscreteTokenizer):
     name = "kmeans"
 
     def __init__(self, codebook: Tensor, patch_size: int, channels: int):
+        codebook = torch.as_tensor(codebook)
         if codebook.dim() != 2 or codebook.shape[1] != patch_size * patch_size * channels:
             raise ValueError(
                 f"codebook {tuple(codebook.shape)} does not hold {patch_size}×{patch_size}×{channels} patches"
@@ -32,6 +33,12 @@ class KMeansTokenizer(DiscreteTokenizer):
     @property
     def codebook_size(self) -> int:
         return self.codebook.shape[0]
+
+    def code_vectors(self) -> Tensor:
+        return self.codebook
+
+    def embedded_options(self) -> dict:
+        return {"codebook": self.codebook.clone(), "patch_size": self.patch_size, "channels": self.channels}
 
     @property
     def downsample(self) -> int:

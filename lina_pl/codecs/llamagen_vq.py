@@ -282,6 +282,9 @@ class LlamaGenVQTokenizer(DiscreteTokenizer):
         self.channels = self.config.image_channels
         self.downsample = self.config.downsample
 
+    def code_vectors(self) -> Tensor:
+        return self.model.quantize.embedding.weight
+
     def _on(self, device: torch.device) -> VQModel:
         if self.model.quant_conv.weight.device != device:
             self.model.to(device)

@@ -5,6 +5,9 @@ consistency      class-conditional samples (``arr_0`` + ``labels``): the accurac
 geneval-digits   text-conditional samples of digit scenes (``arr_0`` uint8 N×32×32×3 + ``prompts``):
                  GenEval-style accuracy per task and overall; ``--make-prompts N --out FILE.txt`` writes
                  a balanced prompt file for ``lina sample --prompts`` instead.
+fid, kid, is,    FID (+ sFID), KID, Inception Score, improved precision/recall (or all of them) of any
+pr, all          samples against real images (shards, an images .npz, cached or ADM statistics), with
+                 ``--features digits`` (a small net trained on real digits) or ``inception``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from lina_pl.data.digit_scenes import CANVAS
+from lina_pl.errors import ArgumentParser, one_line
+from lina_pl.metrics.commands import add_parsers as add_generative_parsers
 
 #: the npz field beside arr_0 each metric reads -> the numpy dtype kinds it accepts, in words
 FIELDS = {"labels": ("iu", "integer class labels"), "prompts": ("U", "strings (a numpy unicode array)")}
@@ -24,13 +29,8 @@ FIELDS = {"labels": ("iu", "integer class labels"), "prompts": ("U", "strings (a
 SCENE_SHAPE = (CANVAS, CANVAS, 3)
 
 
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line, for ``parser.error`` (``lina sample`` uses it too)."""
-    return " ".join(str(err).split())
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lina evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="FILE.txt", help="with --make-prompts: the prompt file to write (.txt)"
     )
     geneval.set_defaults(run=run_geneval_digits, parser=geneval)
+    add_generative_parsers(sub)
     return parser
 
 
@@ -118,6 +119,12 @@ def run_consistency(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(one_line(err))
     if samples.shape[1:] != train_images.shape[1:]:
         parser.error(f"samples {samples.shape[1:]} and real images {train_images.shape[1:]} differ in shape")
+    outside = sorted({int(c) for c in labels if not 0 <= c < data.num_classes})
+    if outside:
+        parser.error(
+            f"{args.samples}: labels must be classes of {args.data} (0..{data.num_classes - 1}), got "
+            f"{', '.join(map(str, outside[:5]))}; sample with --classes in that range"
+        )
     classifier = fit_classifier(train_images, train_labels)
     return {
         "samples": len(samples),

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lina_pl.commands.evaluate import one_line
 from lina_pl.conditions import ClassCondition, TextCondition
+from lina_pl.errors import ArgumentParser, one_line
 from lina_pl.io import save_npz, save_png
 from lina_pl.lightning.images import make_grid, to_uint8_nhwc
 
@@ -44,7 +44,7 @@ DEFAULT_PER_CLASS, DEFAULT_PER_PROMPT = 8, 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lina sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `lina fit`")
@@ -163,14 +163,20 @@ def main(argv: list[str]) -> int:
     key = "label" if args.classes is not None else "text"
     n = len(batch[key])
     images = []
-    try:
-        starts = range(0, n, args.batch_size)
-        for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch")):
-            chunk = batch[key][start : start + args.batch_size]
-            chunk = chunk.to(args.device) if key == "label" else chunk
-            out = module.sample_images({key: chunk}, options, seed=args.seed + i, image_size=size)
-            images.append(to_uint8_nhwc(out))
-    except (OSError, ImportError, ValueError) as err:  # a size the model cannot make, a missing text encoder
+    try:  # the bar is closed before an error is printed, so the error is the last line
+        with tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch") as starts:
+            for i, start in enumerate(starts):
+                chunk = batch[key][start : start + args.batch_size]
+                chunk = chunk.to(args.device) if key == "label" else chunk
+                out = module.sample_images({key: chunk}, options, seed=args.seed + i, image_size=size)
+                if not bool(torch.isfinite(out).all()):  # they would be written as black images
+                    raise FloatingPointError(
+                        f"sampling batch {i} produced NaN or ±inf pixels: the weights of {args.ckpt} "
+                        "overflow with these options; try another checkpoint or a smaller --cfg"
+                    )
+                images.append(to_uint8_nhwc(out))
+    # a size the model cannot make, a missing text encoder, an overflow
+    except (OSError, ImportError, ValueError, FloatingPointError) as err:
         parser.error(one_line(err))
     arr = np.concatenate(images)
     if key == "label":

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from lina_pl.codecs.kmeans import KMeansTokenizer
+from lina_pl.errors import ArgumentParser
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lina tokenizer", description=__doc__)
+    parser = ArgumentParser(prog="lina tokenizer", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     fit = sub.add_parser("fit", help="fit a codebook on the train split of a shard directory")
     fit.add_argument("--data", required=True, help="shard directory (image.png format)")
@@ -21,6 +21,11 @@ def main(argv: list[str]) -> int:
     fit.add_argument("--iters", type=int, default=25, help="Lloyd iterations")
     fit.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if min(args.codebook_size, args.patch_size) < 1 or args.iters < 0:
+        fit.error(
+            f"--codebook-size and --patch-size must be ≥ 1 and --iters ≥ 0, got {args.codebook_size}, "
+            f"{args.patch_size} and {args.iters}"
+        )
     from lina_pl.data.datamodule import ShardDataModule
 
     images, _ = ShardDataModule(args.data).real_images("train")  # uint8 [N, H, W, C]

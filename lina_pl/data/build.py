@@ -31,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from lina_pl.codecs import DiscreteTokenizer, create_codec
-from lina_pl.data import shards
+from lina_pl.data import shards, verify
 from lina_pl.data.sources import ImageSource, create_source, image_to_tensor, parse_size
+from lina_pl.errors import ArgumentParser
 
 #: codecs that write code shards (raster models)
 TOKENIZERS = ("kmeans", "llamagen_vq")
@@ -272,7 +273,7 @@ def build(
         require_captions(source)
     splits, val_fraction = split_source(source, val_fraction, seed)
     _prepare_out_dir(out, overwrite)
-    shard_files, counts, sizes = {}, {}, Counter()
+    written, counts, sizes = {}, {}, Counter()
     features_of = None if text_encoder is None else CaptionFeatures(text_encoder)
     options = dict(
         codec=codec, features_of=features_of, mode=mode, batch_size=batch_size, device=device, sizes=sizes
@@ -280,10 +281,11 @@ def build(
     for split, indices in splits.items():
         samples = _samples(source, indices, **options)
         progress = tqdm(samples, total=len(indices), desc=f"{split} shards", unit="img")
-        shard_files[split] = shards.write_split(out, split, progress, shard_size)
+        written[split] = shards.write_split(out, split, progress, shard_size)
         counts[split] = len(indices)
     # the most common size first: `resolution` and `latent_shape` keep describing it for older readers
     present = sorted(sizes, key=lambda hw: (-sizes[hw], hw)) or list(source.sizes[:1])
+    latent_shapes = [latent_shape(hw) for hw in present]
     manifest = {
         "format": fmt,
         "source": source.name,
@@ -296,10 +298,15 @@ def build(
         "resolutions": [list(hw) for hw in present],
         "channels": len(mode),
         "latent_shape": latent_shape(present[0]),
-        "latent_shapes": [latent_shape(hw) for hw in present],
+        "latent_shapes": latent_shapes,
         "codec": codec_info,
         "counts": counts,
-        "shards": shard_files,
+        "shards": {split: [w["name"] for w in files] for split, files in written.items()},
+        "files": {
+            name: entry
+            for files in written.values()
+            for name, entry in shards.files_entry(files, latent_shapes).items()
+        },
         "shard_size": shard_size,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -316,7 +323,7 @@ def _size_arg(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lina data", description="Data preparation for class- and text-to-image training."
     )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -422,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the shards and manifest of a non-empty --out (other files are kept)",
     )
+    verify.add_parser(sub)
     return parser
 
 
@@ -450,6 +458,8 @@ def _check_options(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.action == "verify":
+        return verify.run(args)
     try:
         _check_options(args)
         source = create_source(

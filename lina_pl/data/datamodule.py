@@ -1,10 +1,17 @@
 """LightningDataModule over the shards written by ``lina data build``.
 
-Training reads an endless, seeded, per-rank resampled stream and cuts it into epochs of exactly
-``samples_per_epoch // (batch_size · world_size)`` batches on every rank, so DDP/FSDP ranks always agree
-on the step count. Validation is a small in-memory set split over ranks like ``DistributedSampler`` does
-(per image size), so ranks see equal batch counts even when the val shards do not divide evenly. A bad
-sample or a truncated shard is skipped with a warning naming it, and counted, instead of ending a long run.
+Training reads an endless, seeded, per-rank stream (``lina_pl.data.stream``) and cuts it into epochs of
+exactly ``samples_per_epoch // (batch_size · world_size)`` batches on every rank, so DDP/FSDP ranks always
+agree on the step count; resuming from a checkpoint continues the stream with exactly the batches the
+uninterrupted run would have seen. Validation is a small in-memory set split over ranks like
+``DistributedSampler`` does (per image size), so ranks see equal batch counts even when the val shards do not
+divide evenly.
+
+Damage (``lina_pl.data.reader``): every shard is checked against the manifest's checksum when opened and
+its samples read are compared with the manifest's count. Training skips what was lost with a warning naming
+the shard, counts it exactly (``skipped_samples``, logged to TensorBoard, summarised at the end of fit), and
+stops with an error when a full pass over the shards yields no sample. Validation and ``real_images`` refuse a
+damaged split (a score on part of it would silently differ from every other run's).
 
 Batches are dicts. ``"latent"``: ``[B, c, h, w]`` float32 or ``[B, h, w]`` int64 (pixels in ``[-1, 1]`` for
 PNG shards, a posterior sample ``(z − latent_shift)·latent_scale`` of the image or its flip for VAE shards,
@@ -17,141 +24,25 @@ holds one size.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import multiprocessing
+import hashlib
+import json
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
-import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, StackDataset
-from webdataset.autodecode import DecodingError
 
-from lina_pl.codecs.diffusers_vae import sample_posterior
 from lina_pl.data import shards
-from lina_pl.data.sources import image_to_tensor
-
-
-class SkipBadSamples:
-    """webdataset error handler: warn with the sample key and the real cause, count, and carry on.
-
-    The counter is a shared ``multiprocessing.Value`` so skips inside DataLoader workers are seen by the
-    main process. A truncated shard counts once per failed read, not once per lost sample (that number is
-    unknowable from a broken tar).
-    """
-
-    def __init__(self, counter):
-        self.counter = counter
-
-    def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, DecodingError):
-            what = f"sample {exn.key!r} ({exn.url}), field {exn.k!r}: {exn.__cause__!r}"
-        else:
-            cause = f" caused by {exn.__cause__!r}" if exn.__cause__ is not None else ""
-            what = f"{exn!r}{cause}"
-        warnings.warn(f"skipping bad data: {what}", RuntimeWarning, stacklevel=2)
-        with self.counter.get_lock():
-            self.counter.value += 1
-        return True
-
-
-class ToExample:
-    """Decoded sample -> example ``{"latent", "label"}`` (class data) or ``{"latent", "text"[, "text_emb"]}``
-    (text data), checked against the manifest.
-
-    ``train=True`` draws a posterior sample of the image or its flip (VAE shards), picks the codes of the
-    image or its flip (code shards), or flips PNG images, half the time when ``image_flip`` is on (None: on
-    for VAE and code shards of class data, off for PNG shards and for text data);
-    ``train=False`` uses the posterior mean, the codes or the pixels of the image itself, so validation is
-    deterministic. ``text_emb`` is the caption's float32 ``[L, E]`` features, read when the manifest names a
-    text encoder.
-    """
-
-    def __init__(
-        self, manifest: dict, scale: float, shift: float, train: bool, image_flip: bool | None = None
-    ):
-        manifest = shards.with_defaults(manifest)
-        self.format = manifest["format"]
-        self.shapes = [tuple(shape) for shape in manifest["latent_shapes"]]
-        self.condition = manifest["condition"]
-        self.num_classes = manifest["num_classes"]
-        self.text_encoder = manifest["text_encoder"]
-        if image_flip is None:
-            image_flip = self.format != shards.IMAGE and self.condition == "class"
-        self.scale, self.shift, self.train, self.image_flip = scale, shift, train, image_flip
-
-    def _condition_members(self) -> list[str]:
-        if self.condition == "class":
-            return [shards.CLS]
-        return [shards.TXT] + ([shards.TXT_EMB] if self.text_encoder is not None else [])
-
-    def __call__(self, sample: dict) -> dict:
-        key = sample.get("__key__")
-        missing = [f for f in [*self._condition_members(), *shards.FORMATS[self.format]] if f not in sample]
-        if missing:
-            raise ValueError(f"sample {key!r} lacks {', '.join(missing)}")
-        latent = self._latent(key, sample)
-        if tuple(latent.shape) not in self.shapes:
-            expected = self.shapes[0] if len(self.shapes) == 1 else f"one of {self.shapes}"
-            raise ValueError(f"sample {key!r} has shape {tuple(latent.shape)}, expected {expected}")
-        return {"latent": latent, **self._condition(key, sample)}
-
-    def _latent(self, key: str, sample: dict) -> torch.Tensor:
-        # training: the image or its mirror image (one draw per example, whether or not flips are on)
-        flip = self.train and bool(torch.rand(()) < 0.5) and self.image_flip
-        if self.format == shards.IMAGE:
-            latent = image_to_tensor(sample[shards.IMAGE])
-            return latent.flip(-1) if flip else latent
-        if self.format == shards.CODES:  # int64 codes [h, w]
-            return torch.from_numpy(sample[shards.CODES_FLIP if flip else shards.CODES]).long()
-        moments = torch.from_numpy(sample[shards.LATENT_FLIP if flip else shards.LATENT]).float()
-        c = moments.shape[0] // 2
-        if moments.ndim != 3 or (c, *moments.shape[1:]) not in self.shapes or moments.shape[0] % 2:
-            expected = [(2 * s[0], *s[1:]) for s in self.shapes]
-            raise ValueError(
-                f"sample {key!r} has moments {tuple(moments.shape)}, expected "
-                f"{expected[0] if len(expected) == 1 else f'one of {expected}'}"
-            )
-        if self.train:
-            return sample_posterior(moments[None], self.scale, self.shift)[0]
-        return (moments[:c] - self.shift) * self.scale
-
-    def _condition(self, key: str, sample: dict) -> dict:
-        if self.condition == "class":
-            label = int(sample[shards.CLS])
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {key!r} has label {label}, outside [0, {self.num_classes})")
-            return {"label": label}
-        text = sample[shards.TXT]
-        example = {"text": text.decode("utf-8") if isinstance(text, bytes) else text}
-        if self.text_encoder is not None:
-            emb = sample[shards.TXT_EMB]
-            width, max_length = self.text_encoder["feature_dim"], self.text_encoder["max_length"]
-            if emb.ndim != 2 or emb.shape[1] != width or emb.shape[0] > max_length:
-                raise ValueError(
-                    f"sample {key!r} has text features {emb.shape}, expected [L ≤ {max_length}, {width}]"
-                )
-            example["text_emb"] = torch.from_numpy(emb).float()
-        return example
-
-
-def pad_text_features(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per caption ``[L_i, E]`` -> ``(float32 [B, T, E] zero-padded, bool mask [B, T])`` with ``T = max L_i``
-    (at least 1, so a batch of empty captions still has a token axis)."""
-    length = max(1, *(len(f) for f in features))
-    emb = torch.zeros(len(features), length, features[0].shape[-1], dtype=torch.float32)
-    mask = torch.zeros(len(features), length, dtype=torch.bool)
-    for i, f in enumerate(features):
-        emb[i, : len(f)] = f
-        mask[i, : len(f)] = True
-    return emb, mask
+from lina_pl.data.reader import Examples, LossCounter, ShardError, pad_text_features, read_shard
+from lina_pl.data.stream import EpochLoader, TrainStream
 
 
 def collate(examples: list[dict]) -> dict:
-    """Examples (``ToExample`` output, or items of ``val_dataset``) of one latent shape -> a batch."""
+    """Items of ``val_dataset`` (tensors) of one latent shape -> a validation batch."""
     first = examples[0]
     batch = {"latent": torch.stack([e["latent"] for e in examples])}
     if "label" in first:
@@ -161,23 +52,6 @@ def collate(examples: list[dict]) -> dict:
     if "text_emb" in first:
         batch["text_emb"], batch["text_mask"] = pad_text_features([e["text_emb"] for e in examples])
     return batch
-
-
-class BucketBatches:
-    """Pipeline stage: examples -> full batches of one latent shape. One pending list per shape; a batch is
-    emitted when its list fills (with one shape this is ``wds.batched(batch_size, partial=False)``)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-
-    def __call__(self, examples: Iterator[dict]) -> Iterator[dict]:
-        pending: dict[tuple, list[dict]] = {}
-        for example in examples:
-            bucket = pending.setdefault(tuple(example["latent"].shape), [])
-            bucket.append(example)
-            if len(bucket) == self.batch_size:
-                yield collate(bucket)
-                bucket.clear()
 
 
 class ShapeBatchSampler(DistributedSampler):
@@ -225,10 +99,12 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
-def _shard_seed(rank: int) -> int:
-    """Seed of ``ResampledShards`` per (rank, worker), from the trainer's rank rather than the environment."""
-    info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (0 if info is None else info.id)
+def _weak_call(method: Callable[[], int | None]) -> Callable[[], int | None]:
+    """``method()`` through a weak reference to its object, so the loader holding it forms no reference
+    cycle with the DataModule (a cycle keeps dropped loaders, and their worker processes, alive until a
+    garbage-collection pass)."""
+    ref = weakref.WeakMethod(method)
+    return lambda: None if ref() is None else ref()()
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -243,8 +119,8 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
-        latent_scale: float = 1.0,
-        latent_shift: float = 0.0,
+        latent_scale: float | None = None,
+        latent_shift: float | None = None,
         val_batch_size: int | None = None,
         val_samples: int | None = None,
         image_flip: bool | None = None,
@@ -255,10 +131,14 @@ class ShardDataModule(L.LightningDataModule):
             batch_size: training samples per batch on each rank.
             num_workers: DataLoader worker processes decoding the training stream (0: in the main process).
             samples_per_epoch: training samples per epoch over all ranks (None: the train split's size).
-            shuffle_buffer: samples held in the shuffle buffer of each worker.
-            seed: seed of the shard resampling and of the shuffle buffer.
-            latent_scale: multiplies VAE latents after the shift (the VAE's scaling factor, e.g. 0.18215).
-            latent_shift: subtracted from VAE latents before scaling (the VAE's shift factor).
+            shuffle_buffer: samples shuffled together: each worker reads shards in groups holding at least
+                this many samples and shuffles each group as a whole (a worker holds about two groups of
+                decoded samples in memory).
+            seed: seed of the shard order, the shuffles, the flips and the posterior noise.
+            latent_scale: multiplies VAE latents after the shift (None: the manifest's
+                ``codec.scaling_factor``, the VAE's, e.g. 0.18215; 1.0 when it records none).
+            latent_shift: subtracted from VAE latents before scaling (None: the manifest's
+                ``codec.shift_factor``; 0.0 when it records none).
             val_batch_size: validation samples per batch on each rank (None: batch_size).
             val_samples: read only the first this many validation samples into memory (None: all; set it
                 for large PNG validation splits, which are held as float tensors).
@@ -272,18 +152,22 @@ class ShardDataModule(L.LightningDataModule):
         self.root = root
         self.manifest = shards.load_manifest(root)
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers = num_workers
-        self.samples_per_epoch = samples_per_epoch or self.manifest["counts"]["train"]
+        train_count = self.manifest["counts"].get("train", 0)
+        self.samples_per_epoch = train_count if samples_per_epoch is None else samples_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.latent_scale = latent_scale
-        self.latent_shift = latent_shift
+        codec = self.manifest["codec"] or {}
+        self.latent_scale = float(codec.get("scaling_factor", 1.0) if latent_scale is None else latent_scale)
+        self.latent_shift = float(codec.get("shift_factor", 0.0) if latent_shift is None else latent_shift)
         self.val_samples = val_samples
         self.image_flip = image_flip
-        self._skipped = multiprocessing.Value("q", 0)
-        self._handler = SkipBadSamples(self._skipped)
+        self._losses = LossCounter(list(self.manifest["shards"].get("train") or []))
         self._val_dataset: StackDataset | None = None
+        self._train_loader: EpochLoader | None = None
+        self._train_identity: dict = {}
+        self._stream_state: dict | None = None
 
     @property
     def condition(self) -> str:
@@ -338,19 +222,60 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def skipped_samples(self) -> int:
-        """Bad samples (and unreadable shard tails) skipped so far, in any process."""
-        return self._skipped.value
+        """Training samples lost so far (the manifest's count minus the samples read, per shard read), in any
+        process; what ``teardown`` summarises at the end of fit."""
+        return self._losses.lost
+
+    @property
+    def damaged_shards(self) -> list[tuple[str, int, int]]:
+        """``(shard name, samples lost, reads)`` of every training shard that lost samples so far."""
+        return self._losses.damaged()
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _decode(self):
-        """Pipeline stage: raw sample -> numpy uint8 images (``H×W`` or ``H×W×3``), int labels, npy arrays."""
-        return wds.decode("l8" if self.channels == 1 else "rgb8", handler=self._handler)
+    def _examples(self) -> Examples:
+        return Examples(self.manifest, self.latent_scale, self.latent_shift, image_flip=self.image_flip)
 
-    def train_dataloader(self):
+    def _fit_position(self) -> int | None:
+        """Training batches whose step ran, over the whole run (restored with a checkpoint), while fitting."""
+        trainer = self.trainer
+        if trainer is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _shape_counts(self, entries: list[shards.ShardEntry], examples: Examples) -> np.ndarray:
+        """Per train shard, its sample count per latent shape: from the manifest, or (older manifests that
+        cannot tell) by reading every shard once."""
+        if all(entry.shapes is not None for entry in entries):
+            return np.array([entry.shapes for entry in entries], dtype=np.int64)
+        warnings.warn(
+            f"{self.root}: the manifest has no per-shard counts (an older build); reading all "
+            f"{len(entries)} train shards once to count them (rebuild the shards to skip this)",
+            UserWarning,
+            stacklevel=3,
+        )
+        counts = np.zeros((len(entries), len(examples.shapes)), dtype=np.int64)
+        for i, entry in enumerate(entries):
+            for item in read_shard(entry, examples).items:
+                counts[i, item["shape"]] += 1
+        return counts
+
+    def _stream_identity(self, world_size: int, group_shards: int, entries: list) -> dict:
+        """What the training stream depends on besides the batch count (a resume checks it)."""
+        files = [(e.name, e.samples, e.sha256) for e in entries]
+        return {
+            "seed": self.seed,
+            "world_size": world_size,
+            "streams_per_rank": max(1, self.num_workers),
+            "batch_size": self.batch_size,
+            "group_shards": group_shards,
+            "shards": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
+        }
+
+    def train_dataloader(self) -> EpochLoader:
         rank, world_size = self._rank_and_world_size()
         batches = self.samples_per_epoch // (self.batch_size * world_size)
         if batches < 1:
@@ -358,46 +283,101 @@ class ShardDataModule(L.LightningDataModule):
                 f"samples_per_epoch={self.samples_per_epoch} is less than one global batch "
                 f"(batch_size {self.batch_size} × world size {world_size})"
             )
-        urls = shards.shard_urls(self.root, self.manifest, "train")
-        to_example = ToExample(
-            self.manifest, self.latent_scale, self.latent_shift, train=True, image_flip=self.image_flip
+        entries = shards.shard_entries(self.root, self.manifest, "train")
+        examples = self._examples()
+        counts = self._shape_counts(entries, examples)
+        group_shards = max(1, -(-self.shuffle_buffer // max(1, int(counts.sum(1).max()))))
+        stream = TrainStream(
+            self.root,
+            entries,
+            counts,
+            examples,
+            self._losses,
+            batch_size=self.batch_size,
+            group_shards=group_shards,
+            seed=self.seed,
+            rank=rank,
         )
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(
-                urls, seed=self.seed, deterministic=True, worker_seed=functools.partial(_shard_seed, rank)
-            ),
-            wds.tarfile_to_samples(handler=self._handler),
-            wds.shuffle(self.shuffle_buffer, seed=self.seed),
-            self._decode(),
-            wds.map(to_example, handler=self._handler),
-            BucketBatches(self.batch_size),
-        )
-        loader = wds.WebLoader(
-            pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-        )
-        return loader.with_epoch(batches).with_length(batches, silent=True)
+        if self._train_loader is not None:
+            self._train_loader.close()
+        loader = EpochLoader(stream, self.num_workers, batches, position=_weak_call(self._fit_position))
+        self._train_loader = loader
+        self._train_identity = self._stream_identity(world_size, group_shards, entries)
+        if self._stream_state is not None:
+            self._resume(self._stream_state)
+        return loader
+
+    def _resume(self, state: dict) -> None:
+        saved = {k: v for k, v in state.items() if k != "batches"}
+        if saved != self._train_identity:
+            changed = ", ".join(
+                f"{k} {saved.get(k)} -> {v}" for k, v in self._train_identity.items() if saved.get(k) != v
+            )
+            warnings.warn(
+                f"the checkpoint's training stream differs from this run's ({changed}): it cannot continue "
+                f"exactly, so it continues at batch {state['batches']} of this run's stream",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._train_loader.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        """The training stream's position (batches consumed) and what the stream depends on."""
+        if self._train_loader is None:
+            return {}
+        return {"train_stream": {**self._train_identity, **self._train_loader.state_dict()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._stream_state = state_dict.get("train_stream")
+        if self._train_loader is not None and self._stream_state is not None:
+            self._resume(self._stream_state)
+
+    def teardown(self, stage: str) -> None:
+        """At the end of fit: stop the workers and report what the training data lost."""
+        if stage != "fit" or self._train_loader is None:
+            return
+        self._train_loader.close()
+        if self._losses.lost:
+            warnings.warn(self._losses.summary(), RuntimeWarning, stacklevel=2)
+        else:
+            rank_zero_info(self._losses.summary())
 
     def _load_split(self, split: str, limit: int | None = None) -> StackDataset:
-        """Read a split (its first ``limit`` samples) into memory, in shard order, deterministically."""
-        urls = shards.shard_urls(self.root, self.manifest, split)
-        to_example = ToExample(self.manifest, self.latent_scale, self.latent_shift, train=False)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=self._handler),
-            self._decode(),
-            wds.map(to_example, handler=self._handler),
-        )
-        examples = list(itertools.islice(pipeline, limit))
-        if not examples:
-            raise ValueError(f"no readable {split!r} samples in {self.root} (see the warnings above)")
-        latents = [e["latent"] for e in examples]
-        uniform = len({latent.shape for latent in latents}) == 1
-        columns = {"latent": torch.stack(latents) if uniform else latents}
-        if "label" in examples[0]:
-            columns["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.int64)
-        for name in ("text", "text_emb"):
-            if name in examples[0]:
-                columns[name] = [e[name] for e in examples]
+        """Read a split (its first ``limit`` samples) into memory, in shard order; damage is an error."""
+        entries = shards.shard_entries(self.root, self.manifest, split)
+        examples = Examples(self.manifest, self.latent_scale, self.latent_shift)
+        items, damaged, complete = [], [], True
+        for i, entry in enumerate(entries):
+            read = read_shard(entry, examples)
+            items += read.items
+            if read.lost or read.damage:
+                damaged.append(read)
+            if limit is not None and len(items) >= limit:
+                complete = i == len(entries) - 1
+                break
+        expected = self.manifest["counts"].get(split, 0)
+        if damaged or (complete and len(items) != expected):
+            details = "; ".join(read.describe() for read in damaged[:3]) or "the shards hold other counts"
+            raise ShardError(
+                f"the {split!r} split of {self.root} is damaged: {len(items)} of {expected} samples readable "
+                f"({details}); check it with `lina data verify {self.root}` and rebuild the shards"
+            )
+        items = items[:limit]
+        latents: list = [None] * len(items)
+        by_shape: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_shape.setdefault(item["shape"], []).append(i)
+        for members in by_shape.values():
+            batch = examples.batch([items[i] for i in members])
+            for j, i in enumerate(members):
+                latents[i] = batch["latent"][j]
+        columns = {"latent": torch.stack(latents) if len(by_shape) == 1 else latents}
+        if self.condition == "class":
+            columns["label"] = torch.tensor([item["label"] for item in items], dtype=torch.int64)
+        else:
+            columns["text"] = [item["text"] for item in items]
+            if self.text_encoder is not None:
+                columns["text_emb"] = [torch.from_numpy(i["text_emb"].astype(np.float32)) for i in items]
         return StackDataset(**columns)
 
     @property

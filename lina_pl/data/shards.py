@@ -11,21 +11,28 @@ image encoding:
   (int32 codebook indices ``[h, w]`` of a discrete tokenizer, for raster models).
 
 ``manifest.json`` describes them; it is written last and atomically, so a directory with a manifest is always
-complete. Images may come in several sizes (aspect buckets); ``resolutions`` lists them all.
+complete. Images may come in several sizes (aspect buckets); ``resolutions`` lists them all. ``files`` records
+per shard its sample count, its count per latent shape (``latent_shapes`` order) and its SHA-256, so readers
+can verify a shard when they open it and count exactly what a damaged one lost. Manifests of older builds
+lack ``files``: they still load, with per-shard counts inferred from ``shard_size`` and nothing to verify.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
-import os
-import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from lina_pl.io import atomic_write
 
 MANIFEST = "manifest.json"
 IMAGE = "image.png"
@@ -58,6 +65,10 @@ MANIFEST_FIELDS = (
 CONDITION_FIELDS = ("condition", "text_encoder", "resolutions", "latent_shapes")
 #: what a ``text_encoder`` entry records about the encoder that made ``txt_emb.npy``
 TEXT_ENCODER_FIELDS = ("path", "kind", "max_length", "feature_dim")
+#: what a ``files`` entry records about one shard
+FILE_FIELDS = ("samples", "shapes", "sha256")
+#: member time stamp of every shard: integer (no pax header per member), fixed (a rebuild gives equal bytes)
+TAR_MTIME = 0
 
 
 def condition_fields(condition: int | str, text_emb: np.ndarray | None = None) -> dict:
@@ -102,8 +113,29 @@ def code_sample(
     }
 
 
-def write_split(out_dir: str | Path, split: str, samples: Iterable[dict], shard_size: int) -> list[str]:
-    """Write ``samples`` to ``out_dir/{split}-%06d.tar`` (``shard_size`` per file); return the file names.
+def sample_shape(sample: dict) -> tuple[int, ...]:
+    """The latent shape ``batch["latent"]`` will have for a sample about to be written."""
+    if IMAGE in sample:
+        image = sample[IMAGE]
+        return (len(image.getbands()), image.height, image.width)
+    if LATENT in sample:
+        moments = sample[LATENT]
+        return (moments.shape[0] // 2, *moments.shape[1:])
+    return tuple(sample[CODES].shape)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks (a shard need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_split(out_dir: str | Path, split: str, samples: Iterable[dict], shard_size: int) -> list[dict]:
+    """Write ``samples`` to ``out_dir/{split}-%06d.tar`` (``shard_size`` per file); per file written, return
+    ``{"name", "samples", "shapes": Counter of latent shapes, "sha256"}``.
 
     An empty split writes no file at all (``ShardWriter`` would otherwise leave an empty tar behind).
     """
@@ -111,28 +143,46 @@ def write_split(out_dir: str | Path, split: str, samples: Iterable[dict], shard_
     first = next(samples, None)
     if first is None:
         return []
-    written: list[str] = []
+    written: list[dict] = []
+    shapes: Counter = Counter()
     pattern = str(Path(out_dir) / f"{split}-%06d.tar")
-    post = lambda fname: written.append(Path(fname).name)  # noqa: E731
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=post) as sink:
+
+    def post(fname: str) -> None:  # called as each file is closed, before the writer opens the next
+        written.append({"name": Path(fname).name, "samples": sink.count, "shapes": Counter(shapes)})
+        written[-1]["sha256"] = file_sha256(fname)
+        shapes.clear()
+
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=post, mtime=TAR_MTIME) as sink:
         for sample in itertools.chain([first], samples):
-            sink.write(sample)
+            sink.write(sample)  # may close the previous file first (post), so count the sample after
+            shapes[sample_shape(sample)] += 1
     return written
 
 
+def files_entry(written: list[dict], latent_shapes: list[list[int]]) -> dict:
+    """``write_split``'s records -> the manifest's ``files`` (shape counts in ``latent_shapes`` order)."""
+    return {
+        w["name"]: {
+            "samples": w["samples"],
+            "shapes": [w["shapes"].get(tuple(shape), 0) for shape in latent_shapes],
+            "sha256": w["sha256"],
+        }
+        for w in written
+    }
+
+
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically (temp file in the same directory, then ``os.replace``)."""
+    """Write ``manifest.json`` atomically (a reader sees the old manifest or the complete new one)."""
     missing = [k for k in (*MANIFEST_FIELDS, *CONDITION_FIELDS) if k not in manifest]
     if missing:
         raise ValueError(f"manifest lacks {', '.join(missing)}")
     check_manifest(manifest, "manifest")
-    out_dir = Path(out_dir)
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=".manifest-", suffix=".tmp", delete=False) as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.chmod(f.name, 0o644)  # temp files are created private; the manifest is as readable as the shards
-    os.replace(f.name, out_dir / MANIFEST)
-    return out_dir / MANIFEST
+    text = json.dumps(manifest, indent=2) + "\n"
+    return atomic_write(Path(out_dir) / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+#: manifests without checksums already warned about (once per process)
+_UNVERIFIABLE: set[str] = set()
 
 
 def load_manifest(root: str | Path) -> dict:
@@ -158,6 +208,14 @@ def load_manifest(root: str | Path) -> dict:
         raise ValueError(f"{path}: unknown format {manifest['format']!r} (expected one of {list(FORMATS)})")
     manifest = with_defaults(manifest)
     check_manifest(manifest, str(path))
+    if "files" not in manifest and str(path.resolve()) not in _UNVERIFIABLE:
+        _UNVERIFIABLE.add(str(path.resolve()))
+        warnings.warn(
+            f"{path} has no shard checksums (an older build): damaged shards are found only by their sample "
+            "counts, changed bytes not at all; rebuild with `lina data build ... --overwrite` to add them",
+            UserWarning,
+            stacklevel=2,
+        )
     return manifest
 
 
@@ -192,10 +250,36 @@ def check_manifest(manifest: dict, where: str) -> None:
             f"{where}: resolutions {sizes} and latent_shapes {shapes} must pair up and include "
             f"resolution {manifest['resolution']}; rebuild the shards"
         )
+    files = manifest.get("files")
+    if files is None:
+        return
+    for split, names in manifest["shards"].items():
+        entries = [files.get(name) for name in names]
+        if any(e is None or any(k not in e for k in FILE_FIELDS) for e in entries):
+            raise ValueError(f"{where}: `files` lacks an entry (or a field) of a {split!r} shard; rebuild")
+        if sum(e["samples"] for e in entries) != manifest["counts"].get(split, 0) or any(
+            sum(e["shapes"]) != e["samples"] or len(e["shapes"]) != len(shapes) for e in entries
+        ):
+            raise ValueError(f"{where}: the {split!r} counts in `files` disagree with `counts`; rebuild")
 
 
-def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
-    """Paths of ``split``'s shards; fails clearly when the manifest lists none or a file is gone."""
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the manifest describes it: ``samples`` and ``shapes`` (per ``latent_shapes`` entry) are
+    None when an older manifest cannot tell, ``sha256`` is None for manifests without checksums."""
+
+    name: str
+    path: str
+    samples: int | None
+    shapes: tuple[int, ...] | None
+    sha256: str | None
+
+
+def shard_entries(root: str | Path, manifest: dict, split: str, must_exist: bool = True) -> list[ShardEntry]:
+    """The shards of ``split``; fails clearly when the manifest lists none or (``must_exist``) a file is gone.
+
+    Without ``files`` (older builds) every shard but the last holds ``shard_size`` samples, the last the rest.
+    """
     names = manifest["shards"].get(split) or []
     if not names:
         hint = (
@@ -204,6 +288,24 @@ def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
         raise ValueError(f"{root} has no {split!r} shards; counts: {manifest['counts']}{hint}")
     paths = [Path(root) / name for name in names]
     absent = [str(p) for p in paths if not p.is_file()]
-    if absent:
+    if absent and must_exist:
         raise FileNotFoundError(f"shards listed in {Path(root) / MANIFEST} are missing: {', '.join(absent)}")
-    return [str(p) for p in paths]
+    files = manifest.get("files")
+    if files is not None:
+        return [
+            ShardEntry(name, str(p), f["samples"], tuple(f["shapes"]), f["sha256"])
+            for name, p, f in zip(names, paths, (files[name] for name in names), strict=True)
+        ]
+    counts = _inferred_counts(manifest, split, len(names))
+    one_shape = len(manifest["latent_shapes"]) == 1
+    return [
+        ShardEntry(name, str(p), n, (n,) if one_shape and n is not None else None, None)
+        for name, p, n in zip(names, paths, counts, strict=True)
+    ]
+
+
+def _inferred_counts(manifest: dict, split: str, n_shards: int) -> list[int | None]:
+    size, total = manifest.get("shard_size"), manifest["counts"].get(split, 0)
+    if not isinstance(size, int) or not (n_shards - 1) * size < total <= n_shards * size:
+        return [None] * n_shards
+    return [size] * (n_shards - 1) + [total - (n_shards - 1) * size]

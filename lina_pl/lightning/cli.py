@@ -4,6 +4,11 @@ The model section of a config holds the module's arguments directly; the data mo
 ``class_path``/``init_args``. Configs may use OmegaConf interpolation resolved on the merged config
 (``omegaconf+``) and are saved with each run. Data-derived sizes (image size, channels, classes) flow into
 the model through links, so a config never repeats them.
+
+Every fit also gets two callbacks, configured under their own keys: ``preemption`` (SIGTERM / SIGUSR1 /
+Ctrl-C write ``last.ckpt`` and exit 128 + signum) and ``non_finite`` (a NaN or ±inf loss stops the run, or
+skips the step), and writes its checkpoints atomically. A bad option is one error, not a page of usage.
+A ``--ckpt_path`` resumes with the config's values (``--model.lr`` fine-tunes), and must hold the same model.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import sys
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lina_pl.lightning.callbacks import NonFiniteGuard, Preemption
+from lina_pl.lightning.checkpoint import AtomicCheckpointIO, check_resume
 from lina_pl.lightning.module import GeneratorModule
 
 
@@ -30,6 +38,24 @@ class LinaCLI(LightningCLI):
             ("data.num_classes", "model.num_classes"),
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
+        parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+
+    def _parse_ckpt_path(self) -> None:
+        """Why overridden: Lightning merges the ``--ckpt_path`` checkpoint's hyper-parameters over the parsed
+        config, so an explicit ``--model.lr`` or a whole other config silently lose to the checkpoint (and
+        the saved config says so). Here the config wins, and a checkpoint of another model is refused."""
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if path:
+            check_resume(path, self.config[subcommand].model)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The trainer, writing checkpoints atomically unless the config picked its own CheckpointIO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> LinaCLI:
@@ -40,7 +66,12 @@ def build_cli(args: list[str] | None, run: bool = True) -> LinaCLI:
         L.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        # parse errors raise, so that `lina` reports them in one line (lina_pl.errors)
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "exit_on_error": False,
+            **{subcommand: {"exit_on_error": False} for subcommand in LinaCLI.subcommands()},
+        },
         args=args,
         run=run,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lina_pl.io import load_torch
 from lina_pl.lightning.callbacks.ema import EMA_KEY
 from lina_pl.nn.locality import KVGate, resize_log_gate
 
@@ -22,10 +23,7 @@ def source_weights(path: str | Path, use_ema: bool = True) -> dict[str, Tensor]:
     weights, keyed by generator parameter names."""
     from lina_pl.lightning.module import check_format
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_torch(path, "init_from checkpoint")
     check_format(checkpoint, str(path))
     live = {
         k.removeprefix("generator."): v

@@ -11,7 +11,9 @@ per-cell decisions:
 * **which digit**: an RBF SVM trained (deterministically, about a second) on the *train* digits only,
   so evaluation scenes, drawn from held-out digits, are never seen by it. Its input is the cell's
   16×16 brightness divided by the cell's maximum (the same normalisation as in training, which makes
-  it indifferent to colour and overall intensity). It scores about 99% on the held-out digits;
+  it indifferent to colour and overall intensity). It scores about 99% on the held-out digits. An
+  occupied cell farther than :data:`MAX_DIGIT_DISTANCE` from every train digit (same normalisation) is
+  no object at all: a detector does not detect noise;
 * **which colour**: the mean RGB of the cell's bright pixels (brightness above half the cell's
   maximum), rescaled so that its largest channel is 255, then the nearest palette colour (Euclidean).
 
@@ -41,6 +43,10 @@ from lina_pl.data.digit_scenes import (
 )
 
 OCCUPIED_MEAN = 0.09
+#: an occupied cell is an object only when its normalised brightness lies within this Euclidean distance of
+#: some train digit: GenEval's detector finds no object in a blob of noise. Held-out real digits lie at
+#: 1.4-3.4 (5th-99th percentile), noise from an untrained generator at 5.2-7.9, random blobs at 7.8-10.2
+MAX_DIGIT_DISTANCE = 4.5
 BRIGHT_FRACTION = 0.5
 _PALETTE_RGB = np.asarray([PALETTE[name] for name in COLOURS], dtype=np.float32)
 
@@ -69,6 +75,15 @@ def classifier():
     return SVC(gamma="scale", C=10.0).fit(_normalise(cells), labels)
 
 
+@functools.lru_cache(maxsize=1)
+def train_digits():
+    """Nearest-neighbour index of the normalised train cells: how far a cell is from any real digit."""
+    from sklearn.neighbors import NearestNeighbors
+
+    cells, _ = digit_arrays("train")
+    return NearestNeighbors(n_neighbors=1).fit(_normalise(cells))
+
+
 def _check_images(images) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -95,7 +110,12 @@ def detect(images: np.ndarray) -> list[list[Detection]]:
     if not occupied.any():
         return out
     image_idx, cell_idx = np.nonzero(occupied)
-    digits = classifier().predict(_normalise(brightness[image_idx, cell_idx]))
+    normalised = _normalise(brightness[image_idx, cell_idx])
+    digit_like = train_digits().kneighbors(normalised)[0][:, 0] <= MAX_DIGIT_DISTANCE
+    image_idx, cell_idx, normalised = image_idx[digit_like], cell_idx[digit_like], normalised[digit_like]
+    if not len(image_idx):
+        return out
+    digits = classifier().predict(normalised)
 
     rgb = cells[image_idx, cell_idx].reshape(len(image_idx), -1, 3)  # [M, 256, 3]
     bright = brightness[image_idx, cell_idx].reshape(len(image_idx), -1)  # [M, 256]

@@ -164,6 +164,9 @@ class LinaGenerator(Generator):
             nn.init.normal_(p, std=0.02)
         self._layouts: dict[tuple, Layout] = {}
 
+    def blocks(self) -> list[nn.Module]:
+        return [*self.cond_blocks, *self.encoder_blocks, *self.decoder_blocks, self.head]
+
     # ---------------------------------------------------------------------------------------------
     # sequence layout: any image grid, the condition grid follows it
     # ---------------------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ class LinaGenerator(Generator):
         h = torch.cat([prefix, bov.to(prefix.dtype)], dim=1)
         rope = None if layout.cond_rope is None else tuple(layout.cond_rope)
         for block in self.cond_blocks:
-            h = block(h, n_cond=p, rope=rope)
+            h = self.run_block(block, h, n_cond=p, rope=rope)
         return self.cond_norm(h[:, -m:])
 
     def transformer(self, tokens: Tensor, visible_idx: Tensor, c: Tensor, layout: Layout) -> Tensor:
@@ -231,12 +234,12 @@ class LinaGenerator(Generator):
             rows = torch.cat([torch.arange(m, device=tokens.device).expand(b, -1), m + visible_idx], dim=1)
             enc_rope = tuple(t[rows] for t in layout.image_rope)
         for block in self.encoder_blocks:
-            h = block(h, n_cond=m, rope=enc_rope)
+            h = self.run_block(block, h, n_cond=m, rope=enc_rope)
         c, visible = h[:, :m], h[:, m:]
         full = full.scatter(1, gather_idx, visible.to(full.dtype))  # masked positions keep mask + position
         h = torch.cat([c, full], dim=1)
         for block in self.decoder_blocks:
-            h = block(h, n_cond=m, grid_hw=layout.grid, rope=dec_rope)
+            h = self.run_block(block, h, n_cond=m, grid_hw=layout.grid, rope=dec_rope)
         return self.final_norm(h)[:, m:]
 
     # ---------------------------------------------------------------------------------------------
@@ -276,6 +279,8 @@ class LinaGenerator(Generator):
                 f"expected tokens [B, {n_tok} = {grid[0]}×{grid[1]}, {cfg.token_channels}], "
                 f"got {tuple(tokens.shape)}"
             )
+        # fp32 data into bf16 weights (DeepSpeed's bf16, ``.to(bfloat16)``): compute in the weights' dtype
+        tokens = tokens.to(self.mask_token.dtype)
         layout = self.layout(grid, tokens.device)
         c = self.condition_tower(self.condition(batch), layout)
         visible_idx, masked = self.sample_mask(tokens.shape[0], n_tok, tokens.device)

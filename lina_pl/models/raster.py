@@ -154,6 +154,9 @@ class RasterGenerator(Generator):
             self.register_parameter("lower_bounds", None)
         self.initialize_weights()
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
     #: HGRN2's lower bounds are pulled toward uniform by weight decay; keep them out (lasad.md §2.5)
     no_weight_decay_params = ("lower_bounds",)
 
@@ -196,7 +199,7 @@ class RasterGenerator(Generator):
             if keep_state:  # decoding: recurrent state or KV cache, at absolute positions
                 x, state = layer.step(x, state, position, **layout, **extra)
             else:  # training: the whole sequence from position 0, no cache
-                x = layer(x, **layout, **extra)
+                x = self.run_block(layer, x, **layout, **extra)
             new_states.append(state)
         return self.output(LF.rms_norm(x, self.norm.weight, self.norm.eps)).float(), new_states
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
+from lina_pl.lightning.callbacks.cadence import EveryNValidations
 from lina_pl.lightning.images import make_grid, to_uint8_nhwc
 
 
-class SampleGrid(Callback):
+class SampleGrid(EveryNValidations):
     """One row per condition value, ``per_value`` samples each, the same seed every time (so the same
     images are tracked across validations).
 
@@ -37,17 +37,14 @@ class SampleGrid(Callback):
         every_n_validations: int = 1,
         options: dict[str, Any] | None = None,
     ):
-        if per_value < 1 or every_n_validations < 1:
-            raise ValueError("per_value and every_n_validations must be ≥ 1")
+        super().__init__(every_n_validations)
+        if per_value < 1:
+            raise ValueError(f"per_value must be ≥ 1, got {per_value}")
         self.values, self.per_value, self.seed = values, per_value, seed
-        self.every_n_validations, self.options = every_n_validations, dict(options or {})
-        self._validations = 0
+        self.options = dict(options or {})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._validations += 1
-        if self._validations % self.every_n_validations:
+        if not self.due(trainer):
             return
         condition = pl_module.condition
         values = self.values if self.values is not None else condition.default_display_values()
@@ -64,9 +61,3 @@ class SampleGrid(Callback):
         for i, prompt in enumerate(values):
             row = make_grid(pixels[i * self.per_value : (i + 1) * self.per_value], nrow=self.per_value)
             experiment.add_image(f"samples/{i:02d} {prompt}", row, trainer.global_step, dataformats="HWC")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"validations": self._validations}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._validations = state_dict["validations"]
