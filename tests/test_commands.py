@@ -140,7 +140,11 @@ def test_sample_prompts_writes_npz_and_grid(capsys, text_ckpt):
         assert f["prompts"].tolist() == [p for p in PROMPTS for _ in range(2)]  # file order, repeated
         assert "labels" not in f
     grid = np.asarray(Image.open(out.with_suffix(".png")))
-    assert grid.shape == (3 * 9 + 1, 2 * 9 + 1, 3)  # one row per prompt, 1-pixel padding
+    # one row per prompt, 8×8 samples enlarged ×8 to 64 px, 2-pixel padding, a margin with the prompts
+    assert grid.shape[0] == 3 * 66 + 2 and grid.shape[1] > 2 * 66 + 2 and grid.shape[2] == 3
+    with np.load(out) as f:
+        first = f["arr_0"][0].repeat(8, axis=0).repeat(8, axis=1)
+    assert np.array_equal(grid[2:66, -132:-68], first)  # the first sample, nearest-neighbour
     # an 8×8 sample is no digit scene: geneval-digits says so in one line
     assert "32×32 RGB" in error(capsys, "evaluate", "geneval-digits", "--samples", out)
 

@@ -1,10 +1,11 @@
-"""Packaging: the console script, lazy heavy imports, and the FLOP structure of the benchmark."""
+"""Packaging: the console script, lazy heavy imports, the FLOP structure of the benchmark, and the grids."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lina_pl.bench.attention import count_flops
@@ -69,3 +70,20 @@ def test_decode_bench_state_is_constant_for_lasad_and_grows_for_softmax():
     softmax = [measure("softmax", n, **shape)["state_mb"] for n in (16, 64)]
     assert lasad[0] == lasad[1] > 0
     assert softmax[1] == pytest.approx(4 * softmax[0], rel=0.05)  # KV cache ∝ tokens
+
+
+def test_grids_enlarge_small_samples_and_label_their_rows():
+    """Grids are for people: ≥ 64 px cells (nearest neighbour), grey padding, a label margin per row."""
+    from lina_pl.lightning.images import PAD_VALUE, make_grid
+
+    images = np.arange(4 * 16 * 16, dtype=np.int64).reshape(4, 16, 16, 1).astype(np.uint8)
+    plain = make_grid(images, nrow=2)
+    assert plain.shape == (2 * 66 + 2, 2 * 66 + 2, 1)
+    assert np.array_equal(plain[2:66, 2:66], images[0].repeat(4, axis=0).repeat(4, axis=1))
+    assert (plain[:2] == PAD_VALUE).all() and (plain[:, 66:68] == PAD_VALUE).all()
+    labelled = make_grid(images, nrow=2, row_labels=["0", "a red 7"])
+    margin = labelled.shape[1] - plain.shape[1]
+    assert margin > 0 and np.array_equal(labelled[:, margin:], plain)
+    assert labelled[:, :margin].max() > 200  # the (anti-aliased) text is drawn
+    with pytest.raises(ValueError, match="3 row labels for a grid of 2 rows"):
+        make_grid(images, nrow=2, row_labels=["a", "b", "c"])

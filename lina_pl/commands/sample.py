@@ -184,6 +184,7 @@ def main(argv: list[str]) -> int:
     else:
         fields = {"prompts": np.asarray(batch["text"], dtype=str)}
     path = save_npz(args.out, arr_0=arr, **fields)
-    grid_path = save_png(path.with_suffix(".png"), make_grid(arr, nrow=repeat))
+    labels = [str(v) if len(str(v)) <= 40 else str(v)[:37] + "..." for v in values]  # one row per value
+    grid_path = save_png(path.with_suffix(".png"), make_grid(arr, nrow=repeat, row_labels=labels))
     print(json.dumps({"samples": str(path), "grid": str(grid_path), "shape": list(arr.shape)}))
     return 0

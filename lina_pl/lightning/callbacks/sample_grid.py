@@ -55,7 +55,7 @@ class SampleGrid(EveryNValidations):
             return
         pixels = to_uint8_nhwc(images)
         if "text" not in batch:
-            grid = make_grid(pixels, nrow=self.per_value)
+            grid = make_grid(pixels, nrow=self.per_value, row_labels=[str(v) for v in values])
             experiment.add_image("samples/grid", grid, trainer.global_step, dataformats="HWC")
             return
         for i, prompt in enumerate(values):
