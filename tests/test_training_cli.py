@@ -91,30 +91,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run):
     """8 steps, then --ckpt_path to 12: the same losses, weights and EMA as 12 steps in one go (data position,
     mask and noise draws, LR schedule and EMA all continue where they stopped)."""
     tmp, _ = run
-    lina(
-        "fit",
-        "--config",
-        tmp / "config.yaml",
-        "--trainer.max_epochs",
-        3,
-        "--trainer.default_root_dir",
-        tmp / "whole",
-        cwd=tmp,
-    )
     resumed = tmp / "resumed"
-    shutil.copytree(tmp / "runs", resumed)
-    lina(
-        "fit",
-        "--config",
-        tmp / "config.yaml",
-        "--trainer.max_epochs",
-        3,
-        "--trainer.default_root_dir",
-        resumed,
-        "--ckpt_path",
-        resumed / "checkpoints/last.ckpt",
-        cwd=tmp,
-    )
+    shutil.copytree(tmp / "runs", resumed)  # the 8-step run
+    for root, resume in ((tmp / "whole", []), (resumed, ["--ckpt_path", resumed / "checkpoints/last.ckpt"])):
+        config = ["--config", tmp / "config.yaml", "--trainer.max_epochs", 3]
+        lina("fit", *config, "--trainer.default_root_dir", root, *resume, cwd=tmp)
     whole_losses, resumed_losses = scalars(tmp / "whole", "train/loss"), scalars(resumed, "train/loss")
     assert sorted(resumed_losses) == sorted(whole_losses) and max(whole_losses) >= 11  # steps 0..11
     assert resumed_losses == whole_losses

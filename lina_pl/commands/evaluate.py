@@ -93,12 +93,12 @@ def load_samples(parser: argparse.ArgumentParser, path: str, field: str) -> tupl
             images, values = data["arr_0"], data[field]
         except ValueError as err:  # an object array (pickled), refused without allow_pickle
             parser.error(f"{path}: {field} must be {kind_words}, not pickled objects ({one_line(err)})")
-    if images.dtype != np.uint8:
-        parser.error(f"{path}: arr_0 must be uint8 images in 0..255, got {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        parser.error(f"{path}: arr_0 must be N×H×W×C images with C = 1 or 3, got shape {list(images.shape)}")
-    if len(images) == 0:
-        parser.error(f"{path} holds no images")
+    from lina_pl.metrics.reference import check_images
+
+    try:
+        check_images(images, path)
+    except ValueError as err:
+        parser.error(one_line(err))
     if values.dtype.kind not in kinds or values.ndim != 1:
         parser.error(f"{path}: {field} must be 1-D {kind_words}, got {values.dtype} {list(values.shape)}")
     if len(values) != len(images):

@@ -57,7 +57,9 @@ def _open_npz(path: Path, what: str):
     return data
 
 
-def _check_images(images: np.ndarray, path: Path) -> np.ndarray:
+def check_images(images: np.ndarray, path: str | Path) -> np.ndarray:
+    """``images`` if they are what ``lina sample`` writes (uint8 N×H×W×C, C = 1 or 3, N ≥ 1), else a
+    ValueError naming ``path`` and the problem."""
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: arr_0 must be uint8 images in 0..255, got {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -79,7 +81,7 @@ def read_images_npz(path: str | Path, what: str = "images file") -> np.ndarray:
             images = data["arr_0"]
         except ValueError as err:  # an object array, refused without allow_pickle
             raise ValueError(f"{path}: arr_0 must be uint8 images, not pickled objects") from err
-    return _check_images(images, path)
+    return check_images(images, path)
 
 
 def _stats(data, mu: str, sigma: str, path: Path) -> FeatureStats:
