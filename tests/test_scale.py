@@ -67,6 +67,24 @@ def test_fsdp2_matches_one_process_resumes_on_one_rank_and_consolidates(referenc
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
+def test_a_gloo_run_destroys_its_process_group_before_python_exits(tmp_path):
+    """Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's teardown aborted a
+    successful 2-rank CI fit ("terminate called without an active exception", exit -6)."""
+    check = (
+        "import atexit, sys, torch.distributed as dist\n"
+        "atexit.register(lambda: print('group alive at exit' if dist.is_initialized() else 'group destroyed'))\n"
+        f"sys.argv = ['distributed_fit.py', {str(tmp_path)!r}, '--strategy', 'ddp', '--steps', '1']\n"
+        "from tests.distributed_fit import main\n"
+        "main()\n"
+    )
+    root = SCRIPT.parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "group destroyed"
+
+
 def test_accumulation_and_activation_checkpointing_keep_the_math(reference, tmp_path):
     run = fit(tmp_path / "acc", "--steps", 3, "--accumulate", 2, "--activation-checkpointing")
     assert max_diff(run["weights"], reference["weights"]) < TOL

@@ -22,6 +22,7 @@ from torch import Tensor
 from lina_pl.codecs import create_codec
 from lina_pl.data.shards import CODES
 from lina_pl.lightning.init_from import GATE_MODES, source_weights, transfer_weights
+from lina_pl.lightning.strategies import destroy_process_group_at_exit
 from lina_pl.models import FAMILIES, Generator, SamplingOptions, create_model, preset
 from lina_pl.nn.optim import parameter_groups
 
@@ -222,7 +223,10 @@ class GeneratorModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Code shards must come from this module's tokenizer (same kind, codebook and stride)."""
+        """Code shards must come from this module's tokenizer (same kind, codebook and stride); a
+        multi-process run destroys its process group at exit."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         manifest = getattr(getattr(self.trainer, "datamodule", None), "manifest", None)
         if manifest is None or manifest["format"] != CODES:
             return

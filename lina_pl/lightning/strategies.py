@@ -8,6 +8,10 @@ itself in ``GeneratorModule.configure_model`` (every block, then the rest).
 
 from __future__ import annotations
 
+import atexit
+import functools
+
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
@@ -30,3 +34,19 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.world_size
         super().setup_environment()
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the process group when the program ends, whatever its backend.
+
+    Why: Lightning does this for NCCL only. A gloo group (CPU runs, the tests) left to the interpreter's
+    teardown can abort a run that succeeded ("terminate called without an active exception", exit -6)
+    when gloo's worker threads outlive Python.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
