@@ -72,7 +72,7 @@ def test_a_gloo_run_destroys_its_process_group_before_python_exits(tmp_path):
     successful 2-rank CI fit ("terminate called without an active exception", exit -6)."""
     check = (
         "import atexit, sys, torch.distributed as dist\n"
-        "atexit.register(lambda: print('group alive at exit' if dist.is_initialized() else 'group destroyed'))\n"
+        "atexit.register(lambda: print('group alive' if dist.is_initialized() else 'group destroyed'))\n"
         f"sys.argv = ['distributed_fit.py', {str(tmp_path)!r}, '--strategy', 'ddp', '--steps', '1']\n"
         "from tests.distributed_fit import main\n"
         "main()\n"
