@@ -32,6 +32,10 @@ COMMANDS = {
         "lina_pl.lightning.consolidate",
         "turn a sharded FSDP2 checkpoint directory into one file (`lina consolidate DIR --out FILE`)",
     ),
+    "ablate": (
+        "lina_pl.commands.ablate",
+        "train the variants of an ablation suite over seeds, write a table (`lina ablate --suite lasad`)",
+    ),
     "bench": ("lina_pl.bench", "benchmarks that print JSON (e.g. `lina bench attention`)"),
     "data": (
         "lina_pl.data.build",

@@ -44,7 +44,9 @@ def composed_files(path: Path) -> list[Path]:
 
 # configs/trainer/ holds strategies, composed with any run as a further --config (tested below)
 STRATEGIES = sorted((ROOT / "configs/trainer").glob("*.yaml"))
-CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(STRATEGIES))
+# configs/ablations/ holds `lina ablate` suites, not configs (test_ablate.py builds their variants)
+SUITES = sorted((ROOT / "configs/ablations").glob("*.yaml"))
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(STRATEGIES) - set(SUITES))
 COMPOSED = {path: composed_files(path) for path in CONFIGS}
 BASES = {base for files in COMPOSED.values() for base in files[:-1]}
 # every config that is a run (alone or composed), by name: "c2i/demo", "raster/lasad_b", ...

@@ -317,17 +317,21 @@ class GeneratorModule(L.LightningModule):
         *,
         seed: int = 0,
         image_size: tuple[int, int] | None = None,
+        **generate_options: Any,
     ) -> Tensor:
         """Images ``[N, C, H, W]`` in ``[-1, 1]`` for a batch of condition fields, at ``image_size`` (None:
         the training size), with the generator's current weights (the EMA callback swaps the EMA weights
-        in for validation; ``lina sample`` loads them)."""
+        in for validation; ``lina sample`` loads them). ``generate_options`` go to the generator's
+        ``generate`` as they are (e.g. LINA's ``on_step`` hook, for the inspection notebook)."""
         grid = self.grid if image_size is None else self.codec.grid(tuple(image_size))
         was_training = self.generator.training
         self.generator.eval()
         try:
             generator = torch.Generator(device=self.device).manual_seed(seed)
             options = options or self.default_sampling
-            tokens = self.generator.generate(condition, options, generator=generator, grid=grid)
+            tokens = self.generator.generate(
+                condition, options, generator=generator, grid=grid, **generate_options
+            )
             if tokens.is_floating_point():  # ±inf stays visible: the codec would clamp it to valid pixels
                 tokens = tokens.masked_fill(~torch.isfinite(tokens), float("nan"))
             return self.codec.tokens_to_images(tokens, grid)

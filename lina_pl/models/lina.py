@@ -10,7 +10,7 @@ the masked tokens. Generation unmasks tokens over a cosine schedule in a random 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -304,6 +304,7 @@ class LinaGenerator(Generator):
         *,
         generator: torch.Generator | None = None,
         grid: tuple[int, int] | None = None,
+        on_step: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor:
         """Sample tokens ``[B, L, C]`` on ``grid`` (default: the config's) for a batch of condition fields.
 
@@ -311,7 +312,9 @@ class LinaGenerator(Generator):
         one random order per sample; each step integrates the flow ODE with ``flow_steps`` Euler steps.
         CFG (``cfg`` ≠ 1) doubles the batch with the null condition and mixes the velocities
         ``v_u + w_k (v_c − v_u)`` with ``w_k`` from ``cfg_schedule``. With ``cfg = 1`` only the
-        conditional branch runs.
+        conditional branch runs. ``on_step(k, revealed)`` is called after AR step k with the indices
+        ``[B, n_k]`` (raster order on ``grid``) of the tokens it revealed, so the generation order can be
+        shown (steps that reveal nothing are skipped).
         """
         opts = self.sampling_options(options)
         config = self.config
@@ -337,6 +340,8 @@ class LinaGenerator(Generator):
             tokens = tokens.scatter(
                 1, new_idx[..., None].expand(-1, -1, tokens.shape[-1]), x.view(b, -1, x.shape[-1])
             )
+            if on_step is not None:
+                on_step(k, new_idx)
         return tokens
 
     def _sample_tokens(self, z: Tensor, n: int, w: float, flow_steps: int, generator) -> Tensor:

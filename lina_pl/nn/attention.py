@@ -268,13 +268,23 @@ class LasadAttention(CausalLinearMixer):
         self.norm = nn.RMSNorm(dim, eps=norm_eps)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
+    def log_decays(
+        self, x: Tensor, position: int = 0, *, n_cond=1, grid_hw=None, lower_bound: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The forget gate ``log λ`` ``[B, T, H, K]`` of inputs ``x`` at absolute positions ``position…``
+        (it also makes the keys) and the log-decay the state uses, after the spatial-aware mask. Public so
+        that the decay pattern of a trained model can be looked at (the inspection notebook)."""
+        gate = _split_heads(LF.lower_bounded_log_sigmoid(self.f_proj(x), lower_bound), self.num_heads)
+        return gate, _spatial_decay(gate, self.sad_mode, self.sad_position, position, n_cond, grid_hw)
+
     def step(self, x, state, position, *, n_cond=1, grid_hw=None, lower_bound: Tensor | None = None):
         h = self.num_heads
         q = _split_heads(F.silu(self.q_proj(x)), h)
-        log_decay = _split_heads(LF.lower_bounded_log_sigmoid(self.f_proj(x), lower_bound), h)
+        gate, log_decay = self.log_decays(
+            x, position, n_cond=n_cond, grid_hw=grid_hw, lower_bound=lower_bound
+        )
         v = _split_heads(self.i_proj(x), h)
-        k = (1.0 - log_decay.exp()).to(v.dtype)
-        log_decay = _spatial_decay(log_decay, self.sad_mode, self.sad_position, position, n_cond, grid_hw)
+        k = (1.0 - gate.exp()).to(v.dtype)
         o, state = LF.gated_linear_attention(
             q,
             k,
