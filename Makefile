@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/lina data build --source digits --out $(DIGITS) --overwrite
 	$(BIN)/lina fit --config configs/c2i/demo.yaml
 	$(BIN)/lina sample --ckpt $(DEMO)/checkpoints/last.ckpt --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 \
-		--cfg 3 --steps 16 --out $(DEMO)/samples.npz
+		--cfg 2 --steps 16 --out $(DEMO)/samples.npz
 	$(BIN)/lina evaluate consistency --samples $(DEMO)/samples.npz --data $(DIGITS)
 
 # Text-to-image: digit-scene shards with MiniLM features -> train LINA T2I on CPU -> 300 balanced prompts ->
